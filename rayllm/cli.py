@@ -1,0 +1,172 @@
+"""`rayllm <stage>`: a thin typer/rich layer over the stage functions.
+
+Parsing and printing only; the work is in ``rayllm.data.prep``, ``rayllm.train.fit`` and friends, so
+the CLI, Python users and Ray job entrypoints run the same code. User errors print one line, exit 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from rayllm.config import RunConfig, load_config
+from rayllm.errors import find_user_error
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    help="Fast, elastic LLM training on Ray: prep -> train -> tune -> eval -> serve.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+console = Console(stderr=True)
+out = Console()
+
+ConfigOpt = Annotated[
+    list[str] | None,
+    typer.Option("--config", "-c", help="YAML config file; repeat to merge (later files win)."),
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override one field: section.key=value (value parsed as YAML)."),
+]
+RunDirOpt = Annotated[str | None, typer.Option("--run-dir", "-r", help="Run directory (overrides run_dir).")]
+
+
+def _load(config: list[str] | None, sets: list[str] | None, run_dir: str | None) -> RunConfig:
+    return _run(lambda: load_config(config or [], sets or [], run_dir))
+
+
+def _run(fn: Callable[[], Any]) -> Any:
+    """Run a stage; user errors (also when raised inside Ray workers) become one line + exit 2."""
+    try:
+        return fn()
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]")
+        raise typer.Exit(130) from None
+    except Exception as e:
+        user = find_user_error(e)
+        if user is None:
+            raise
+        console.print(f"[bold red]error:[/] {user}", markup=True, highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def _table(title: str, summary: dict[str, Any]) -> None:
+    t = Table(title=title, show_header=False, title_justify="left")
+    t.add_column("key", style="cyan")
+    t.add_column("value")
+    for k, v in summary.items():
+        if isinstance(v, float):
+            v = f"{v:,.4g}"
+        elif isinstance(v, int):
+            v = f"{v:,}"
+        elif isinstance(v, dict | list):
+            v = json.dumps(v, ensure_ascii=False)
+            v = v if len(v) < 120 else v[:117] + "..."
+        t.add_row(k, str(v))
+    out.print(t)
+
+
+@app.command()
+def prep(config: ConfigOpt = None, set_: SetOpt = None, run_dir: RunDirOpt = None) -> None:
+    """Read, clean, dedup, build the vocabulary, tokenize and pack text into parquet blocks (Ray Data)."""
+    cfg = _load(config, set_, run_dir)
+    from rayllm.data import prep as run_prep
+
+    _table("prep", _run(lambda: run_prep(cfg)))
+
+
+@app.command()
+def train(config: ConfigOpt = None, set_: SetOpt = None, run_dir: RunDirOpt = None) -> None:
+    """Train with Ray Train + DeepSpeed ZeRO; resumes from the run's last checkpoint."""
+    cfg = _load(config, set_, run_dir)
+    from rayllm.train import fit
+
+    _table("train", _run(lambda: fit(cfg)))
+
+
+@app.command()
+def tune(config: ConfigOpt = None, set_: SetOpt = None, run_dir: RunDirOpt = None) -> None:
+    """Search optimizer / learning-rate settings with Ray Tune and ASHA early stopping."""
+    cfg = _load(config, set_, run_dir)
+    from rayllm.tune import run as run_tune
+
+    _table("tune", _run(lambda: run_tune(cfg)))
+
+
+@app.command("eval")
+def eval_(config: ConfigOpt = None, set_: SetOpt = None, run_dir: RunDirOpt = None) -> None:
+    """Perplexity and token accuracy of the exported model on the validation split."""
+    cfg = _load(config, set_, run_dir)
+    from rayllm.eval import evaluate
+
+    _table("eval", _run(lambda: evaluate(cfg)))
+
+
+@app.command()
+def serve(config: ConfigOpt = None, set_: SetOpt = None, run_dir: RunDirOpt = None) -> None:
+    """Serve the exported model over an OpenAI-compatible HTTP API (Ray Serve) until Ctrl-C."""
+    cfg = _load(config, set_, run_dir)
+    from rayllm.serve import serve as run_serve
+
+    _table("serve", _run(lambda: run_serve(cfg)))
+
+
+@app.command()
+def export(
+    run_dir: Annotated[str, typer.Argument(help="Run directory with train checkpoints.")],
+    out_dir: Annotated[str | None, typer.Option("--out", help="Default: <run_dir>/train/export.")] = None,
+) -> None:
+    """Consolidate the last ZeRO checkpoint (any stage) into a plain Hugging Face safetensors folder."""
+    from rayllm.train.export import export_run
+
+    path = _run(lambda: export_run(run_dir, out_dir))
+    out.print(f"exported {path}")
+
+
+@app.command()
+def submit(
+    stage: Annotated[str, typer.Argument(help="prep | train | tune | eval | demo")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    run_dir: RunDirOpt = None,
+    address: Annotated[str | None, typer.Option(help="Ray dashboard address, default $RAY_ADDRESS.")] = None,
+    wait: Annotated[bool, typer.Option(help="Follow the job's logs until it ends.")] = True,
+) -> None:
+    """Submit a stage as a Ray job to a cluster (Ray Jobs API)."""
+    cfg = _load(config, set_, run_dir)  # validate here, before anything reaches the cluster
+    from rayllm.jobs import submit as run_submit
+
+    result = _run(lambda: run_submit(cfg, stage, config or [], set_ or [], run_dir, address, wait))
+    _table("job", result)
+    if result.get("status") == "FAILED":
+        raise typer.Exit(1)
+
+
+@app.command()
+def demo(config: ConfigOpt = None, set_: SetOpt = None, run_dir: RunDirOpt = None) -> None:
+    """The whole pipeline on the embedded Shakespeare corpus: prep, train, eval, serve one request."""
+    cfg = _load(config or [_default_config()], set_, run_dir)
+    from rayllm.pipeline import demo as run_demo
+
+    t0 = time.time()
+    summary = _run(lambda: run_demo(cfg, console=out))
+    summary["seconds_total"] = round(time.time() - t0, 1)
+    _table("demo", summary)
+
+
+def _default_config() -> str:
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.join(here, "examples", "configs", "shakespeare-cpu.yaml")
+
+
+def main() -> None:
+    app(prog_name="rayllm")

@@ -1,0 +1,252 @@
+"""prep stage (Ray Data): sources -> clean -> dedup -> vocabulary -> tokenize -> pack -> parquet + manifest.
+
+Parallel work (reading, cleaning, the corpus-wide sort that makes exact duplicates adjacent and the
+output independent of source order, tokenization) runs in Ray Data. The driver consumes the ordered
+token stream, drops adjacent duplicates, counts every drop by reason and packs blocks into shards.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from rayllm.config import DataConfig, RunConfig
+from rayllm.data.clean import clean_batch
+from rayllm.data.pack import Packer, ShardWriter
+from rayllm.data.sources import file_items, read_file
+from rayllm.data.tokenizer import get_tokenizer, load_tokenizer, tokenizer_hash, train_tokenizer
+from rayllm.errors import DataError
+from rayllm.runtime import ray_session, save_stage_config, write_summary
+
+MANIFEST = "manifest.json"
+SPLITS = ("train", "val")
+
+
+def tokenize_batch(batch: pa.Table, tok_json: str, eos_id: int, minhash_perm: int) -> pa.Table:
+    """Encode kept documents (EOS appended); mark in-batch adjacent duplicates before paying for them."""
+    reasons = batch.column("reason").to_pylist()
+    hashes = batch.column("hash").to_pylist()
+    texts = batch.column("text").to_pylist()
+    copies = batch.column("copies").to_pylist()
+    todo = []
+    for i, h in enumerate(hashes):
+        if reasons[i] or not copies[i]:
+            continue
+        if i and hashes[i - 1] == h:
+            reasons[i] = "duplicate"
+            continue
+        todo.append(i)
+    tok = get_tokenizer(tok_json)
+    encoded = tok.encode_batch_fast([texts[i] for i in todo], add_special_tokens=False) if todo else []
+    lengths = np.zeros(len(hashes), dtype=np.int64)
+    pieces: list[list[int]] = [[] for _ in hashes]
+    for i, enc in zip(todo, encoded, strict=True):
+        pieces[i] = [*enc.ids, eos_id]
+        lengths[i] = len(pieces[i])
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    flat = np.fromiter((t for p in pieces for t in p), dtype=np.int32, count=int(offsets[-1]))
+    cols: dict[str, Any] = {
+        "ids": pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(flat, type=pa.int32())),
+        "hash": batch.column("hash"),
+        "split": batch.column("split"),
+        "reason": pa.array(reasons, type=pa.string()),
+        "copies": batch.column("copies"),
+        "note": batch.column("note"),
+    }
+    if minhash_perm:
+        from rayllm.data.clean import minhash_signatures
+
+        wanted = set(todo)
+        sigs = minhash_signatures([t if i in wanted else "" for i, t in enumerate(texts)], minhash_perm)
+        cols["minhash"] = pa.array([s.hashvalues.astype(np.uint64).tobytes() for s in sigs], type=pa.binary())
+    return pa.table(cols)
+
+
+def _build_dataset(cfg: DataConfig) -> Any:
+    import ray.data
+
+    items = file_items(cfg)
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 256)))
+    ds = ds.flat_map(read_file, fn_kwargs={"on_error": cfg.on_error, "invalid_utf8": cfg.invalid_utf8})
+    ds = ds.map_batches(
+        clean_batch,
+        batch_format="pandas",
+        batch_size=1024,
+        fn_kwargs={"cfg": cfg.clean, "val_fraction": cfg.val_fraction},
+    )
+    # Sorting by content hash makes exact duplicates adjacent, gives a shuffled, deterministic
+    # document order, and makes the output independent of source order and sharding.
+    return ds.sort(["hash", "copies"], descending=[False, True]), len(items)
+
+
+def _vocabulary(ds: Any, cfg: DataConfig, out: Path) -> Path:
+    tok_dir = out / "tokenizer"
+    if tok_dir.exists():
+        shutil.rmtree(tok_dir)
+    if cfg.tokenizer.path:
+        return load_tokenizer(cfg.tokenizer.path, cfg.tokenizer, tok_dir)
+    sample = ds.filter(expr="reason == ''").select_columns(["text"]).limit(cfg.tokenizer.sample_docs)
+    texts = [t for b in sample.iter_batches(batch_format="pyarrow") for t in b.column("text").to_pylist()]
+    if not texts:
+        raise DataError("no document survived reading and cleaning; nothing to build a vocabulary from")
+    return train_tokenizer(texts, cfg.tokenizer, tok_dir)
+
+
+def prep(cfg: RunConfig) -> dict[str, Any]:
+    """Run the prep stage; writes shards, ``manifest.json`` and ``summary.json`` into ``<run_dir>/prep``."""
+    import ray.data
+
+    t0 = time.time()
+    dcfg = cfg.data
+    out = save_stage_config(cfg, "prep")
+    for stale in (*SPLITS, MANIFEST, "summary.json"):
+        p = out / stale
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+    file_items(dcfg)  # fail on missing paths before starting Ray
+    with ray_session(cfg.cluster):
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True
+        ds, n_files = _build_dataset(dcfg)
+        ds = ds.materialize()
+        tok_dir = _vocabulary(ds, dcfg, out)
+        from transformers import AutoTokenizer
+
+        hf_tok = AutoTokenizer.from_pretrained(tok_dir)
+        eos_id = int(hf_tok.eos_token_id)
+        tok_json = (tok_dir / "tokenizer.json").read_text(encoding="utf-8")
+        perm = 128 if dcfg.clean.dedup == "minhash" else 0
+        tokens = ds.map_batches(
+            tokenize_batch,
+            batch_format="pyarrow",
+            batch_size=dcfg.tokenize_batch,
+            fn_kwargs={"tok_json": tok_json, "eos_id": eos_id, "minhash_perm": perm},
+        )
+        stats = _pack_stream(tokens, dcfg, out)
+    seconds = time.time() - t0
+    manifest = {
+        "files": n_files,
+        **stats,
+        "vocab_size": len(hf_tok),
+        "eos_id": eos_id,
+        "pad_id": int(hf_tok.pad_token_id),
+        "seq_len": dcfg.seq_len,
+        "block_len": dcfg.seq_len + 1,
+        "tokenizer": "tokenizer",
+        "tokenizer_hash": tokenizer_hash(tok_dir),
+        "seconds": round(seconds, 2),
+        "tokens_per_second": round(stats["tokens"] / max(seconds, 1e-9), 1),
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
+    summary = {
+        "documents_in": stats["documents_read"],
+        "documents_kept": stats["documents_kept"],
+        "dropped": stats["dropped"],
+        "tokens": stats["tokens"],
+        "blocks": stats["blocks"]["train"] + stats["blocks"]["val"],
+        "train_blocks": stats["blocks"]["train"],
+        "val_blocks": stats["blocks"]["val"],
+        "vocab_size": manifest["vocab_size"],
+        "seconds": manifest["seconds"],
+        "tokens_per_second": manifest["tokens_per_second"],
+        "data_dir": str(out),
+    }
+    write_summary(out, summary)
+    return summary
+
+
+def _pack_stream(tokens: Any, dcfg: DataConfig, out: Path) -> dict[str, Any]:
+    block_len = dcfg.seq_len + 1
+    packers = {s: Packer(ShardWriter(out, s, block_len, dcfg.shard_rows)) for s in SPLITS}
+    dropped: Counter[str] = Counter()
+    notes: Counter[str] = Counter()
+    read = kept = 0
+    prev_hash = None
+    lsh = None
+    if dcfg.clean.dedup == "minhash":
+        from datasketch import MinHashLSH
+
+        lsh = MinHashLSH(threshold=dcfg.clean.minhash_threshold, num_perm=128)
+    for batch in tokens.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=2):
+        reasons = batch.column("reason").to_pylist()
+        hashes = batch.column("hash").to_pylist()
+        splits = batch.column("split").to_pylist()
+        copies = batch.column("copies").to_pylist()
+        sigs = batch.column("minhash").to_pylist() if lsh is not None else None
+        take: dict[str, list[int]] = {s: [] for s in SPLITS}
+        for i, reason in enumerate(reasons):
+            if dcfg.max_docs is not None and kept >= dcfg.max_docs:
+                break
+            read += 1
+            if not reason and not copies[i]:
+                reason = "downsampled"
+            elif not reason and hashes[i] == prev_hash:
+                reason = "duplicate"
+            elif not reason and lsh is not None:
+                reason = _near_duplicate(lsh, hashes[i], sigs[i])
+            if reason:
+                dropped[reason] += 1
+                continue
+            prev_hash = hashes[i]
+            kept += 1
+            take[splits[i]].extend([i] * copies[i])
+        notes.update(n for n in batch.column("note").to_pylist() if n)
+        ids = batch.column("ids")
+        for split, idx in take.items():
+            if idx:
+                flat = pc.list_flatten(ids.take(pa.array(idx)))
+                packers[split].add(flat.to_numpy())
+        if dcfg.max_docs is not None and kept >= dcfg.max_docs:
+            break
+    tails = {s: p.finish() for s, p in packers.items()}
+    blocks = {s: p.blocks for s, p in packers.items()}
+    if read == 0 or kept == 0:
+        raise DataError(f"no documents kept out of {read} read (dropped: {dict(dropped) or 'none'})")
+    if blocks["train"] == 0:
+        raise DataError(
+            f"the train split has no full block of data.seq_len+1={block_len} tokens; "
+            "lower data.seq_len or add data"
+        )
+    if dcfg.val_fraction > 0 and blocks["val"] == 0:
+        raise DataError(
+            f"the validation split got {packers['val'].tokens_in} tokens, less than one block of "
+            f"{block_len}; raise data.val_fraction or add data"
+        )
+    return {
+        "documents_read": read,
+        "documents_kept": kept,
+        "dropped": dict(sorted(dropped.items())),
+        "notes": dict(notes),
+        "tokens": sum(p.tokens_in for p in packers.values()),
+        "tokens_by_split": {s: p.tokens_in for s, p in packers.items()},
+        "tokens_dropped_tail": tails,
+        "blocks": blocks,
+        "shards": packers["train"].writer.shards + packers["val"].writer.shards,
+    }
+
+
+def _near_duplicate(lsh: Any, key: str, sig: bytes) -> str:
+    from datasketch import MinHash
+
+    m = MinHash(num_perm=128, hashvalues=np.frombuffer(sig, dtype=np.uint64))
+    if lsh.query(m):
+        return "near_duplicate"
+    lsh.insert(key, m)
+    return ""
+
+
+def load_manifest(data_dir: str | Path) -> dict[str, Any]:
+    p = Path(data_dir) / MANIFEST
+    if not p.is_file():
+        raise DataError(f"{p} not found: run `rayllm prep` first or set train.data_dir to a prep folder")
+    return json.loads(p.read_text(encoding="utf-8"))

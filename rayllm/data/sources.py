@@ -1,0 +1,274 @@
+"""Sources: resolve paths / globs / URIs to files, and read each file into document rows.
+
+A file is the unit of parallelism: Ray Data runs ``read_file`` once per file (``flat_map``), so every
+error can name its file and line. Bad input either raises ``DataError`` (``on_error: fail``, the
+default) or becomes a row with a ``reason`` so that the driver counts it; nothing vanishes.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import json
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from rayllm.config import DataConfig, SourceConfig
+from rayllm.errors import DataError
+from rayllm.runtime import is_uri, resolve_pkg
+
+COMPRESSED = (".gz", ".zst", ".zstd", ".bz2", ".lz4")
+FORMATS = {
+    ".jsonl": "jsonl",
+    ".json": "jsonl",
+    ".ndjson": "jsonl",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
+_BLANK = re.compile(rb"^[ \t\r\f\v]*$")
+
+
+def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    if is_uri(path):
+        try:
+            return pafs.FileSystem.from_uri(path)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataError(f"{path}: cannot open filesystem: {e}") from None
+    return pafs.LocalFileSystem(), os.path.abspath(path)
+
+
+def infer_format(path: str) -> str:
+    name = path.lower()
+    for ext in COMPRESSED:
+        name = name.removesuffix(ext)
+    return FORMATS.get(Path(name).suffix, "txt")
+
+
+def list_files(src: SourceConfig, index: int) -> list[str]:
+    """Every file a source names, sorted so that listing order never changes the result."""
+    path = resolve_pkg(src.path)
+    where = f"data.sources[{index}].path"
+    if is_uri(path):
+        fs, base = _filesystem(path)
+        scheme = path.split("://", 1)[0] + "://"
+        if any(c in base for c in "*?["):
+            root = base[: min(base.find(c) for c in "*?[" if c in base)].rsplit("/", 1)[0]
+            infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+            files = [i.path for i in infos if i.is_file and fnmatch.fnmatch(i.path, base)]
+        else:
+            info = fs.get_file_info(base)
+            if info.type == pafs.FileType.Directory:
+                infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+                files = [i.path for i in infos if i.is_file]
+            else:
+                files = [base] if info.type == pafs.FileType.File else []
+        files = [scheme + f for f in files]
+    elif any(c in path for c in "*?["):
+        files = [f for f in glob.glob(os.path.expanduser(path), recursive=True) if os.path.isfile(f)]
+    elif os.path.isdir(path):
+        files = [str(p) for p in Path(path).rglob("*") if p.is_file() and not p.name.startswith(".")]
+    elif os.path.isfile(path):
+        files = [path]
+    else:
+        raise DataError(f"{where}: {src.path} does not exist")
+    if not files:
+        raise DataError(f"{where}: {src.path} matches no files")
+    return sorted(os.path.abspath(f) if not is_uri(f) else f for f in files)
+
+
+def file_items(cfg: DataConfig) -> list[dict[str, Any]]:
+    """One row per input file: what ``read_file`` needs to turn it into documents."""
+    if not cfg.sources:
+        raise DataError("data.sources is empty: name at least one file, directory, glob or URI")
+    items = []
+    for i, src in enumerate(cfg.sources):
+        for f in list_files(src, i):
+            items.append(
+                {
+                    "path": f,
+                    "source": i,
+                    "format": src.format or infer_format(f),
+                    "split_on": src.split_on,
+                    "text_field": src.text_field,
+                    "id_field": src.id_field or "",
+                    "weight": src.weight,
+                }
+            )
+    return items
+
+
+class _Reader:
+    """Reads one file under the configured error policy; yields document rows."""
+
+    def __init__(self, item: dict[str, Any], on_error: str, invalid_utf8: str) -> None:
+        self.item = item
+        self.path = item["path"]
+        self.on_error = on_error
+        self.invalid_utf8 = invalid_utf8
+
+    def row(self, text: str, where: str, reason: str = "") -> dict[str, Any]:
+        # "utf8_replaced" is a note on a kept document, every other reason drops it.
+        note = reason if reason == "utf8_replaced" else ""
+        return {
+            "text": text,
+            "doc": f"{self.path}:{where}",
+            "reason": "" if note else reason,
+            "note": note,
+            "source": self.item["source"],
+            "weight": self.item["weight"],
+        }
+
+    def bad(self, reason: str, where: str, message: str, fix: str = "") -> dict[str, Any]:
+        """Fail with file and line, or (``on_error: skip``) return a counted drop row."""
+        if self.on_error == "fail":
+            hint = fix or "set data.on_error=skip to skip and count such input"
+            raise DataError(f"{self.path}:{where}: {message}; {hint}")
+        return self.row("", where, reason)
+
+    def read_bytes(self) -> bytes:
+        fs, p = _filesystem(self.path)
+        compression = "detect" if self.path.lower().endswith(COMPRESSED) else None
+        with fs.open_input_stream(p, compression=compression) as f:
+            return f.read()
+
+    def decode(self, raw: bytes, line: int) -> tuple[str | None, str]:
+        """Decode under ``data.invalid_utf8``; returns (text or None to skip, reason)."""
+        try:
+            return raw.decode("utf-8"), ""
+        except UnicodeDecodeError as e:
+            if self.invalid_utf8 == "replace":
+                return raw.decode("utf-8", errors="replace"), "utf8_replaced"
+            if self.invalid_utf8 == "skip":
+                return None, "invalid_utf8"
+            raise DataError(
+                f"{self.path}:{line}: invalid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                "set data.invalid_utf8=replace or skip"
+            ) from None
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        try:
+            raw = self.read_bytes()
+        except (OSError, pa.ArrowException) as e:
+            yield self.bad("unreadable_file", "0", f"cannot read file ({e})")
+            return
+        fmt = self.item["format"]
+        if fmt != "parquet":
+            if b"\x00" in raw[:65536]:
+                yield self.bad("binary_file", "1", "binary file (NUL byte found), not text")
+                return
+            if not raw.strip():
+                yield self.bad("empty_file", "1", "file is empty")
+                return
+        if fmt == "txt":
+            yield from self.txt(raw)
+        elif fmt == "jsonl":
+            yield from self.jsonl(raw)
+        else:
+            yield from self.parquet(raw)
+
+    def txt(self, raw: bytes) -> Iterator[dict[str, Any]]:
+        lines = raw.split(b"\n")
+        split_on = self.item["split_on"]
+        if split_on == "file":
+            groups = [(1, lines)]
+        elif split_on == "line":
+            groups = [(i + 1, [ln]) for i, ln in enumerate(lines) if not _BLANK.match(ln)]
+        else:
+            groups, start, cur = [], 0, []
+            for i, ln in enumerate(lines):
+                if _BLANK.match(ln):
+                    if cur:
+                        groups.append((start, cur))
+                    cur = []
+                else:
+                    if not cur:
+                        start = i + 1
+                    cur.append(ln)
+            if cur:
+                groups.append((start, cur))
+        for line_no, group in groups:
+            text, reason = self._decode_lines(group, line_no)
+            if text is None:
+                yield self.row("", str(line_no), reason)
+            else:
+                yield self.row(text, str(line_no), reason)
+
+    def _decode_lines(self, group: list[bytes], first_line: int) -> tuple[str | None, str]:
+        try:
+            return b"\n".join(group).decode("utf-8"), ""
+        except UnicodeDecodeError:
+            pass
+        # Find the exact bad line for the message, then apply the policy to the whole document.
+        for k, ln in enumerate(group):
+            try:
+                ln.decode("utf-8")
+            except UnicodeDecodeError:
+                _, reason = self.decode(ln, first_line + k)
+                if reason == "invalid_utf8":
+                    return None, reason
+                break
+        return b"\n".join(group).decode("utf-8", errors="replace"), "utf8_replaced"
+
+    def jsonl(self, raw: bytes) -> Iterator[dict[str, Any]]:
+        field, id_field = self.item["text_field"], self.item["id_field"]
+        for i, line in enumerate(raw.split(b"\n"), start=1):
+            if _BLANK.match(line):
+                continue
+            text, reason = self.decode(line, i)
+            if text is None:
+                yield self.row("", str(i), reason)
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                yield self.bad("malformed_json", str(i), f"malformed JSON ({e.msg} at column {e.colno})")
+                continue
+            if not isinstance(obj, dict) or field not in obj:
+                yield self.bad(
+                    "missing_field",
+                    str(i),
+                    f"missing text field {field!r}",
+                    "set the source's text_field, or data.on_error=skip",
+                )
+                continue
+            value = obj[field]
+            if not isinstance(value, str):
+                yield self.bad(
+                    "missing_field", str(i), f"field {field!r} is {type(value).__name__}, not text"
+                )
+                continue
+            where = f"{i}" + (f"#{obj[id_field]}" if id_field and id_field in obj else "")
+            yield self.row(value, where, reason)
+
+    def parquet(self, raw: bytes) -> Iterator[dict[str, Any]]:
+        field = self.item["text_field"]
+        try:
+            table = pq.read_table(pa.BufferReader(raw))
+        except pa.ArrowException as e:
+            yield self.bad("unreadable_file", "0", f"not a readable parquet file ({e})")
+            return
+        if field not in table.column_names:
+            yield self.bad(
+                "missing_field",
+                "0",
+                f"no column {field!r} (columns: {', '.join(table.column_names)})",
+                "set the source's text_field",
+            )
+            return
+        for i, value in enumerate(table.column(field).to_pylist()):
+            if isinstance(value, str):
+                yield self.row(value, f"row{i}")
+            else:
+                yield self.bad("missing_field", f"row{i}", f"column {field!r} is null or not text")
+
+
+def read_file(item: dict[str, Any], on_error: str, invalid_utf8: str) -> Iterator[dict[str, Any]]:
+    """``flat_map`` body: one input file -> its document rows (and counted drop rows)."""
+    yield from _Reader(item, on_error, invalid_utf8)

@@ -1,0 +1,139 @@
+"""train stage: Ray Train ``TorchTrainer`` + DeepSpeed ZeRO over the packed parquet blocks.
+
+The driver validates everything it can before any worker starts (data dir, vocabulary vs model,
+sequence length vs positions, batch arithmetic), then hands the run to Ray Train, which restarts the
+worker group from the last checkpoint on failures and resumes a re-launched run from storage.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from rayllm.config import RunConfig
+from rayllm.data import load_manifest
+from rayllm.errors import ConfigError
+from rayllm.runtime import ray_session, save_stage_config, stage_dir, write_summary
+
+RUN_NAME = "train"
+
+
+def data_dir_of(cfg: RunConfig) -> Path:
+    return Path(cfg.train.data_dir) if cfg.train.data_dir else stage_dir(cfg.run_dir, "prep", create=False)
+
+
+def check_compatible(cfg: RunConfig, manifest: dict[str, Any]) -> None:
+    """Reject data/model/batch mismatches with the field to change, before any worker starts."""
+    from rayllm.model import max_positions, model_config
+
+    seq = int(manifest["seq_len"])
+    hf = model_config(cfg.model, manifest["vocab_size"], manifest["eos_id"], manifest["pad_id"])
+    if seq > max_positions(hf):
+        raise ConfigError(
+            f"data.seq_len={seq} (from the prep manifest) exceeds the model's {max_positions(hf)} positions; "
+            "re-run prep with a smaller data.seq_len or raise model.max_positions"
+        )
+    t = cfg.train
+    blocks = manifest["blocks"]
+    if blocks["train"] < t.global_batch:
+        raise ConfigError(
+            f"train.global_batch={t.global_batch} exceeds the {blocks['train']} train blocks in the data; "
+            "lower train.global_batch or prep more data"
+        )
+    if blocks["val"] < t.global_batch:
+        raise ConfigError(
+            f"the val split has {blocks['val']} blocks, fewer than train.global_batch={t.global_batch}; "
+            "raise data.val_fraction or lower train.global_batch"
+        )
+
+
+def fit(cfg: RunConfig) -> dict[str, Any]:
+    """Train (resuming when the run dir holds checkpoints), export, and write ``train/summary.json``."""
+    import ray.data
+    import ray.train
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from rayllm.train.export import export_checkpoint, list_checkpoints
+    from rayllm.train.loop import train_loop
+
+    t = cfg.train
+    data_dir = data_dir_of(cfg)
+    manifest = load_manifest(data_dir)
+    check_compatible(cfg, manifest)
+    out = save_stage_config(cfg, "train")
+    storage = out / "ray"
+    if not t.resume:
+        for p in (storage, out / "metrics.jsonl", out / "tensorboard"):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    lo, hi = t.worker_range
+    resources = {"CPU": t.cpus_per_worker}
+    if t.use_gpu:
+        resources["GPU"] = t.gpus_per_worker
+    t0 = time.time()
+    with ray_session(cfg.cluster, use_gpu=t.use_gpu):
+        splits = {
+            s: ray.data.read_parquet(str(data_dir / s), file_extensions=["parquet"]) for s in ("train", "val")
+        }
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config={"cfg": cfg.dump(), "manifest": manifest, "out_dir": str(out)},
+            scaling_config=ScalingConfig(
+                num_workers=lo if lo == hi else (lo, hi),
+                use_gpu=t.use_gpu,
+                resources_per_worker=resources,
+            ),
+            run_config=ray.train.RunConfig(
+                name=RUN_NAME,
+                storage_path=str(storage),
+                failure_config=FailureConfig(max_failures=t.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            ),
+            datasets=splits,
+            # Every worker reads the whole (deterministic) stream and takes its slice per step:
+            # the data position then survives restarts and world-size changes exactly.
+            dataset_config=DataConfig(datasets_to_split=[]),
+        )
+        result = trainer.fit()
+    seconds = time.time() - t0
+    summary = summarize(out / "metrics.jsonl")
+    summary.update(seconds=round(seconds, 1), data_dir=str(data_dir), checkpoint=None, export_dir=None)
+    ckpts = list_checkpoints(storage)
+    if ckpts:
+        summary["checkpoint"] = str(ckpts[-1])
+        if t.export:
+            export = export_checkpoint(ckpts[-1], out / "export", data_dir / "tokenizer")
+            summary["export_dir"] = str(export)
+    if result.error:
+        raise result.error
+    write_summary(out, summary)
+    return summary
+
+
+def summarize(metrics_path: Path) -> dict[str, Any]:
+    """Headline figures from the metrics file (the latest record per step wins after a resume)."""
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    by_step: dict[int, dict[str, Any]] = {}
+    for r in rows:
+        if "event" in r:
+            continue
+        by_step.setdefault(r["step"], {}).update(r)
+    steps = [by_step[k] for k in sorted(by_step)]
+    train = [r for r in steps if "loss" in r]
+    val = [r for r in steps if "val_loss" in r]
+    timed = [r for r in train if r["step"] > 1] or train
+    return {
+        "steps": steps[-1]["step"] if steps else 0,
+        "train_loss_first": train[0]["loss"] if train else None,
+        "train_loss_last": train[-1]["loss"] if train else None,
+        "val_loss_first": val[0]["val_loss"] if val else None,
+        "val_loss_last": val[-1]["val_loss"] if val else None,
+        "val_perplexity_last": val[-1]["val_perplexity"] if val else None,
+        "tokens_per_second": sum(r["tokens_per_second"] for r in timed) / max(len(timed), 1),
+        "mfu": sum(r["mfu"] for r in timed) / max(len(timed), 1),
+        "tokens_seen": train[-1]["tokens_seen"] if train else 0,
+        "resumes": sum(1 for r in rows if r.get("event") == "resume"),
+    }

@@ -1,0 +1,125 @@
+"""Everything DeepSpeed: the generated config, the optimizer and LR schedule, MFU peak numbers.
+
+The model arrives plain; ZeRO stage, offload, precision, activation checkpointing and compile are
+applied here from ``TrainConfig`` (torchtitan's split between model and parallelism).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+
+from rayllm.config import OptimizerConfig, ScheduleConfig, TrainConfig
+
+# Dense bf16/fp16 tensor-core peak FLOP/s per device (vendor datasheets, without sparsity).
+PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "A10G": 125e12,
+    "A10": 125e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "V100": 125e12,
+    "T4": 65e12,
+}
+
+
+def deepspeed_config(t: TrainConfig, world: int, load_universal: bool = False) -> dict[str, Any]:
+    ds = t.deepspeed
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.zero_stage >= 1:
+        zero.update(contiguous_gradients=True, overlap_comm=t.use_gpu)
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": t.use_gpu}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": t.use_gpu}
+    if ds.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    cfg: dict[str, Any] = {
+        "train_batch_size": t.global_batch,
+        "train_micro_batch_size_per_gpu": t.micro_batch,
+        "gradient_accumulation_steps": t.grad_accum(world),
+        "zero_optimization": zero,
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "fp16": {"enabled": ds.precision == "fp16", "initial_scale_power": 16},
+        # SGD and Adafactor are fine with ZeRO partitioning; DeepSpeed only lists what it tested.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": load_universal},
+    }
+    if t.grad_clip > 0:
+        cfg["gradient_clipping"] = t.grad_clip
+    if ds.offload_optimizer:
+        # DeepSpeed builds DeepSpeedCPUAdam itself when the optimizer lives in its config.
+        o = t.optimizer
+        cfg["optimizer"] = {
+            "type": "AdamW" if o.name == "adamw" else "Adam",
+            "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay},
+        }
+    return _merge(cfg, ds.extra)
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on biases and norm weights (1-d tensors), as GPT-2/nanoGPT train."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: torch.nn.Module, o: OptimizerConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, o.weight_decay)
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
+    if o.name == "adam":
+        return torch.optim.Adam(groups, lr=o.lr, betas=o.betas, eps=o.eps)
+    if o.name == "adamw":
+        return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps)
+    from transformers.optimization import Adafactor
+
+    return Adafactor(groups, lr=o.lr, scale_parameter=False, relative_step=False, warmup_init=False)
+
+
+def lr_lambda(s: ScheduleConfig, max_steps: int):
+    """Linear warmup, then constant / linear / cosine decay down to ``min_lr_ratio``."""
+
+    def fn(step: int) -> float:
+        if step < s.warmup_steps:
+            return (step + 1) / (s.warmup_steps + 1)
+        if s.decay == "constant":
+            return 1.0
+        progress = min(1.0, (step - s.warmup_steps) / max(1, max_steps - s.warmup_steps))
+        shape = 1.0 - progress if s.decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+        return s.min_lr_ratio + (1.0 - s.min_lr_ratio) * shape
+
+    return fn
+
+
+def peak_flops(device: torch.device, precision: str) -> float:
+    """Peak FLOP/s of one worker's device: a datasheet table on GPUs, a measured matmul on CPU."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in PEAK_FLOPS.items():
+            if key in name:
+                return value if precision != "fp32" else value / 2
+        return 100e12
+    n = 1024
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.matmul(a, b)
+    best = math.inf
+    for _ in range(3):
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best

@@ -1,0 +1,74 @@
+"""The CLI: every verb has help, user errors print one line and exit 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from rayllm.cli import app
+
+VERBS = ["prep", "train", "tune", "eval", "serve", "submit", "export", "demo"]
+runner = CliRunner()
+
+
+def test_top_level_help_lists_every_verb():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for verb in VERBS:
+        assert verb in result.output
+
+
+@pytest.mark.parametrize("verb", VERBS)
+def test_verb_help(verb: str):
+    result = runner.invoke(app, [verb, "--help"])
+    assert result.exit_code == 0, result.output
+    if verb != "export":
+        assert "--config" in result.output and "--set" in result.output and "--run-dir" in result.output
+
+
+def test_config_error_is_one_line_exit_2(tmp_path: Path):
+    """A real process: bad config -> exit 2, one error line naming the field, no traceback."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rayllm",
+            "train",
+            "--set",
+            "train.deepspeed.zero_stage=4",
+            "--run-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert "train.deepspeed.zero_stage" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_missing_run_artifacts_exit_2(tmp_path: Path):
+    result = runner.invoke(app, ["train", "--run-dir", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "manifest.json not found" in result.output and "rayllm prep" in result.output
+    result = runner.invoke(app, ["export", str(tmp_path)])
+    assert result.exit_code == 2 and "no train checkpoint" in result.output
+
+
+def test_missing_source_path_exit_2(tmp_path: Path):
+    result = runner.invoke(
+        app, ["prep", "--run-dir", str(tmp_path), "--set", f"data.sources=[{{path: {tmp_path}/none.txt}}]"]
+    )
+    assert result.exit_code == 2
+    assert "data.sources[0].path" in result.output and "does not exist" in result.output
+
+
+def test_unknown_verb_is_usage_error():
+    result = runner.invoke(app, ["frobnicate"])
+    assert result.exit_code == 2
