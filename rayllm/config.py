@@ -176,6 +176,11 @@ class TrainConfig(Strict):
     keep_checkpoints: PositiveInt = 2
     max_failures: NonNegInt = 3
     shuffle_buffer: NonNegInt = Field(0, description="rows in the per-epoch local shuffle buffer")
+    cache_data_gb: Annotated[float, Field(ge=0)] = Field(
+        2.0,
+        description="packed data smaller than this is materialized once in the object store (fast "
+        "epochs and restarts); larger data streams from storage",
+    )
     seed: int = 0
     export: bool = True
     resume: bool = Field(True, description="continue from the last checkpoint in the run dir")

@@ -84,6 +84,7 @@ def tiny_config(run_dir: Path, corpus: Path, **sections: Any) -> RunConfig:
             "eval_every": 6,
             "eval_batches": 2,
             "checkpoint_every": 6,
+            "max_failures": 0,
         },
         "eval": {"batch_size": 16},
         "cluster": {"num_cpus": 2, "object_store_gb": 0.5},

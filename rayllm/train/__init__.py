@@ -75,9 +75,11 @@ def fit(cfg: RunConfig) -> dict[str, Any]:
         resources["GPU"] = t.gpus_per_worker
     t0 = time.time()
     with ray_session(cfg.cluster, use_gpu=t.use_gpu):
-        splits = {
-            s: ray.data.read_parquet(str(data_dir / s), file_extensions=["parquet"]) for s in ("train", "val")
-        }
+        splits = {}
+        for split in ("train", "val"):
+            ds = ray.data.read_parquet(str(data_dir / split), file_extensions=["parquet"])
+            size_gb = manifest["blocks"][split] * manifest["block_len"] * 4 / 2**30
+            splits[split] = ds.materialize() if size_gb < t.cache_data_gb else ds
         trainer = TorchTrainer(
             train_loop,
             train_loop_config={"cfg": cfg.dump(), "manifest": manifest, "out_dir": str(out)},

@@ -9,6 +9,7 @@ run stopped, with no repeated or skipped data.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import tempfile
@@ -27,6 +28,7 @@ from rayllm.train.parallel import build_optimizer, deepspeed_config, lr_lambda, 
 
 TAG = "ckpt"
 STATE_FILE = "rayllm_state.json"
+UNIVERSAL_INFO = "universal_checkpoint_info"
 
 
 @dataclass
@@ -80,6 +82,14 @@ class Worker:
             self.device = torch.device("cpu")
             torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
+        self.metrics = self.tb = None
+        if self.rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            from rayllm.runtime import MetricsWriter
+
+            self.metrics = MetricsWriter(self.out_dir / "metrics.jsonl")
+            self.tb = SummaryWriter(str(self.out_dir / "tensorboard"))
         self.seq_len = int(self.manifest["seq_len"])
         self.accum = t.grad_accum(self.world)
 
@@ -119,15 +129,8 @@ class Worker:
         self.train_it = ray.train.get_dataset_shard("train")
         self.val_it = ray.train.get_dataset_shard("val")
         self.collate = _rank_slicer(self.rank, self.world)
+        self._val: list[torch.Tensor] | None = None
         self.peak = peak_flops(self.device, t.deepspeed.precision) * self.world
-        self.metrics = self.tb = None
-        if self.rank == 0:
-            from torch.utils.tensorboard import SummaryWriter
-
-            from rayllm.runtime import MetricsWriter
-
-            self.metrics = MetricsWriter(self.out_dir / "metrics.jsonl")
-            self.tb = SummaryWriter(str(self.out_dir / "tensorboard"))
 
     # ------------------------------------------------------------------------------ checkpoints
     def _restore(self, ckpt: Any, saved: TrainState, resharding: bool) -> None:
@@ -148,7 +151,9 @@ class Worker:
         import ray.train
 
         with tempfile.TemporaryDirectory() as d:
-            self.engine.save_checkpoint(d, tag=TAG, client_state={"rayllm": asdict(self.state)})
+            # The universal-checkpoint marker lets ds_to_universal reshard this checkpoint later.
+            client = {"rayllm": asdict(self.state), UNIVERSAL_INFO: {"universal_checkpoint_version": 0.4}}
+            self.engine.save_checkpoint(d, tag=TAG, client_state=client)
             if self.rank == 0:
                 (Path(d) / STATE_FILE).write_text(json.dumps(asdict(self.state)))
                 self.hf_config.save_pretrained(d)
@@ -172,11 +177,12 @@ class Worker:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Loss over the first ``eval_batches`` global batches of val: the same rows at any world size."""
+        if self._val is None:
+            # The same rows every time: read them once instead of re-running a Ray Data pipeline.
+            self._val = list(itertools.islice(self._epoch_batches(self.val_it, 0), self.t.eval_batches))
         self.engine.eval()
         total = torch.zeros(3, dtype=torch.float64)
-        for i, x in enumerate(self._epoch_batches(self.val_it, 0)):
-            if i >= self.t.eval_batches:
-                break
+        for x in self._val:
             for m in range(0, len(x), self.t.micro_batch):
                 mb = x[m : m + self.t.micro_batch].to(self.device)
                 logits = self.engine(input_ids=mb[:, :-1]).logits.float()
@@ -306,7 +312,7 @@ def _to_universal(ckpt_dir: Path, tmp: Path) -> Path:
         num_merge_workers=1,
         keep_temp_folder=False,
         strict=True,
-        inject_missing_state=False,
+        inject_missing_state=True,
     )
     ds_to_universal(args)
     return out

