@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from typing import Annotated, Any
@@ -149,6 +150,46 @@ def submit(
     _table("job", result)
     if result.get("status") == "FAILED":
         raise typer.Exit(1)
+
+
+job_app = typer.Typer(no_args_is_help=True, help="Follow, inspect and stop jobs sent by `rayllm submit`.")
+app.add_typer(job_app, name="job")
+AddressOpt = Annotated[str | None, typer.Option(help="Ray dashboard address, default $RAY_ADDRESS.")]
+JobIdArg = Annotated[str, typer.Argument(help="Job id printed by `rayllm submit`.")]
+
+
+@job_app.command("status")
+def job_status(job_id: JobIdArg, address: AddressOpt = None) -> None:
+    """State, exit code and Ray's message for a submitted job."""
+    from rayllm import jobs
+
+    _table("job", _run(lambda: jobs.status(job_id, address)))
+
+
+@job_app.command("logs")
+def job_logs(
+    job_id: JobIdArg,
+    address: AddressOpt = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream until the job ends.")] = False,
+) -> None:
+    """Print what a job has written so far; with --follow, stream it until the job ends."""
+    from rayllm import jobs
+
+    if not follow:
+        sys.stdout.write(_run(lambda: jobs.logs(job_id, address)))
+        return
+    result = _run(lambda: jobs.follow(job_id, address))
+    _table("job", result)
+    if result["status"] == "FAILED":
+        raise typer.Exit(1)
+
+
+@job_app.command("stop")
+def job_stop(job_id: JobIdArg, address: AddressOpt = None) -> None:
+    """Stop a job (SIGTERM to its entrypoint, then SIGKILL) and wait until it has ended."""
+    from rayllm import jobs
+
+    _table("job", _run(lambda: jobs.stop(job_id, address)))
 
 
 @app.command()

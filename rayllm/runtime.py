@@ -72,6 +72,9 @@ def init_ray(cfg: ClusterConfig, use_gpu: bool = False) -> bool:
         log_to_driver=cfg.verbose,
         configure_logging=True,
     )
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        # Inside a Ray job: the job's runtime env already applies, and Ray refuses a second one.
+        common.pop("runtime_env")
     if address:
         # Resources can only be given when starting a cluster, not when joining one.
         ray.init(address=address, **common)
