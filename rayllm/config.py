@@ -8,8 +8,9 @@ dotted field path and what is allowed (as axolotl does), and the resolved config
 from __future__ import annotations
 
 import copy
+import types
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -383,3 +384,48 @@ def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     for k, v in b.items():
         out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def _type_name(ann: Any) -> str:
+    origin, args = get_origin(ann), get_args(ann)
+    if origin is Annotated:
+        return _type_name(args[0])
+    if origin is Literal:
+        return " \\| ".join(f"`{a}`" for a in args)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin in (list, tuple, dict):
+        inner = ", ".join(_type_name(a) for a in args)
+        return f"{origin.__name__}[{inner}]"
+    return "none" if ann is type(None) else getattr(ann, "__name__", str(ann))
+
+
+def reference_markdown() -> str:
+    """The config reference in the README: generated from the schema so that the two never drift."""
+    lines: list[str] = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        rows = []
+        nested = []
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            sub = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+            if sub is None:
+                args = getattr(ann, "__args__", ())
+                subs = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+                sub = subs[0] if subs else None
+            if sub is not None and name != "sources":
+                nested.append((name, sub))
+                continue
+            default = "[]" if name == "sources" else field.get_default(call_default_factory=True)
+            default = "required" if field.is_required() else default
+            rows.append(f"| `{prefix}{name}` | {_type_name(ann)} | `{default}` | {field.description or ''} |")
+        if rows:
+            lines.extend([f"\n**{prefix.rstrip('.') or 'top level'}**\n", "| key | type | default | notes |",
+                          "|---|---|---|---|", *rows])
+        for name, sub in nested:
+            walk(sub, f"{prefix}{name}.")
+
+    walk(RunConfig, "")
+    walk(SourceConfig, "data.sources[].")
+    return "\n".join(lines).strip() + "\n"

@@ -17,6 +17,8 @@ from rayllm.config import RunConfig, validate_config
 
 os.environ.setdefault("RAYLLM_PROGRESS", "0")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# The Train controller polls workers at this interval: faster failure detection and run ends in tests.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 @pytest.fixture(scope="session")

@@ -115,3 +115,10 @@ def test_resolved_config_saved(tmp_path: Path):
     saved = yaml.safe_load((d / "config.yaml").read_text())
     assert saved["train"]["max_steps"] == 7
     assert validate_config(saved) == cfg
+
+
+def test_readme_config_reference_is_current():
+    from rayllm.config import reference_markdown
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    assert reference_markdown() in readme, "run `make docs` to regenerate the README's config reference"

@@ -50,15 +50,52 @@ def check_compatible(cfg: RunConfig, manifest: dict[str, Any]) -> None:
         )
 
 
-def fit(cfg: RunConfig) -> dict[str, Any]:
-    """Train (resuming when the run dir holds checkpoints), export, and write ``train/summary.json``."""
+def build_trainer(
+    cfg: RunConfig, data_dir: Path, manifest: dict[str, Any], out: Path, callbacks: list[Any] | None = None
+) -> Any:
+    """The ``TorchTrainer`` for one run: shared by ``fit`` and each Ray Tune trial."""
     import ray.data
     import ray.train
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from rayllm.train.export import export_checkpoint, list_checkpoints
     from rayllm.train.loop import train_loop
+
+    t = cfg.train
+    lo, hi = t.worker_range
+    resources = {"CPU": t.cpus_per_worker}
+    if t.use_gpu:
+        resources["GPU"] = t.gpus_per_worker
+    splits = {}
+    for split in ("train", "val"):
+        ds = ray.data.read_parquet(str(data_dir / split), file_extensions=["parquet"])
+        size_gb = manifest["blocks"][split] * manifest["block_len"] * 4 / 2**30
+        splits[split] = ds.materialize() if size_gb < t.cache_data_gb else ds
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": cfg.dump(), "manifest": manifest, "out_dir": str(out)},
+        scaling_config=ScalingConfig(
+            num_workers=lo if lo == hi else (lo, hi),
+            use_gpu=t.use_gpu,
+            resources_per_worker=resources,
+        ),
+        run_config=ray.train.RunConfig(
+            name=RUN_NAME,
+            storage_path=str(out / "ray"),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            callbacks=callbacks,
+        ),
+        datasets=splits,
+        # Every worker reads the whole (deterministic) stream and takes its slice per step:
+        # the data position then survives restarts and world-size changes exactly.
+        dataset_config=DataConfig(datasets_to_split=[]),
+    )
+
+
+def fit(cfg: RunConfig) -> dict[str, Any]:
+    """Train (resuming when the run dir holds checkpoints), export, and write ``train/summary.json``."""
+    from rayllm.train.export import export_checkpoint, list_checkpoints
 
     t = cfg.train
     data_dir = data_dir_of(cfg)
@@ -69,37 +106,9 @@ def fit(cfg: RunConfig) -> dict[str, Any]:
     if not t.resume:
         for p in (storage, out / "metrics.jsonl", out / "tensorboard"):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-    lo, hi = t.worker_range
-    resources = {"CPU": t.cpus_per_worker}
-    if t.use_gpu:
-        resources["GPU"] = t.gpus_per_worker
     t0 = time.time()
     with ray_session(cfg.cluster, use_gpu=t.use_gpu):
-        splits = {}
-        for split in ("train", "val"):
-            ds = ray.data.read_parquet(str(data_dir / split), file_extensions=["parquet"])
-            size_gb = manifest["blocks"][split] * manifest["block_len"] * 4 / 2**30
-            splits[split] = ds.materialize() if size_gb < t.cache_data_gb else ds
-        trainer = TorchTrainer(
-            train_loop,
-            train_loop_config={"cfg": cfg.dump(), "manifest": manifest, "out_dir": str(out)},
-            scaling_config=ScalingConfig(
-                num_workers=lo if lo == hi else (lo, hi),
-                use_gpu=t.use_gpu,
-                resources_per_worker=resources,
-            ),
-            run_config=ray.train.RunConfig(
-                name=RUN_NAME,
-                storage_path=str(storage),
-                failure_config=FailureConfig(max_failures=t.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
-            ),
-            datasets=splits,
-            # Every worker reads the whole (deterministic) stream and takes its slice per step:
-            # the data position then survives restarts and world-size changes exactly.
-            dataset_config=DataConfig(datasets_to_split=[]),
-        )
-        result = trainer.fit()
+        result = build_trainer(cfg, data_dir, manifest, out).fit()
     seconds = time.time() - t0
     summary = summarize(out / "metrics.jsonl")
     summary.update(seconds=round(seconds, 1), data_dir=str(data_dir), checkpoint=None, export_dir=None)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
+import math
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -80,7 +80,8 @@ class Worker:
             torch.cuda.set_device(self.device)
         else:
             self.device = torch.device("cpu")
-            torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+            # One intra-op thread per reserved CPU (rounded up: 0.5 CPU leaves room for Ray Data).
+            torch.set_num_threads(max(1, math.ceil(t.cpus_per_worker)))
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
         self.metrics = self.tb = None
         if self.rank == 0:
