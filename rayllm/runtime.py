@@ -68,7 +68,7 @@ def init_ray(cfg: ClusterConfig, use_gpu: bool = False) -> bool:
         runtime_env["working_dir"] = cfg.working_dir
     common = dict(
         runtime_env=runtime_env,
-        logging_level=logging.INFO if cfg.verbose else logging.WARNING,
+        logging_level=logging.INFO if cfg.verbose else logging.ERROR,
         log_to_driver=cfg.verbose,
         configure_logging=True,
     )

@@ -111,6 +111,7 @@ def fit(cfg: RunConfig) -> dict[str, Any]:
         result = build_trainer(cfg, data_dir, manifest, out).fit()
     seconds = time.time() - t0
     summary = summarize(out / "metrics.jsonl")
+    plot_losses(out / "metrics.jsonl", out / "loss.png")
     summary.update(seconds=round(seconds, 1), data_dir=str(data_dir), checkpoint=None, export_dir=None)
     ckpts = list_checkpoints(storage)
     if ckpts:
@@ -122,6 +123,28 @@ def fit(cfg: RunConfig) -> dict[str, Any]:
         raise result.error
     write_summary(out, summary)
     return summary
+
+
+def plot_losses(metrics_path: Path, png: Path) -> None:
+    """Train and validation loss against step, one PNG for people (TensorBoard has the rest)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("loss", "train"), ("val_loss", "validation")):
+        points = sorted({r["step"]: r[key] for r in rows if key in r}.items())
+        if points:
+            ax.plot(*zip(*points, strict=True), marker="o" if key == "val_loss" else None, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
 
 
 def summarize(metrics_path: Path) -> dict[str, Any]:

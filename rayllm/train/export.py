@@ -6,6 +6,8 @@ without rayllm or DeepSpeed installed.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -31,6 +33,9 @@ def list_checkpoints(storage: Path) -> list[Path]:
 def export_checkpoint(ckpt_dir: Path, out_dir: Path, tokenizer_dir: Path | None) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     state = json.loads((ckpt_dir / STATE_FILE).read_text())
     hf_config = AutoConfig.from_pretrained(ckpt_dir)
@@ -42,7 +47,9 @@ def export_checkpoint(ckpt_dir: Path, out_dir: Path, tokenizer_dir: Path | None)
     else:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        weights = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=TAG)
+        # DeepSpeed narrates every shard on stdout; the CLI prints its own summary.
+        with contextlib.redirect_stdout(io.StringIO()):
+            weights = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=TAG)
     model = AutoModelForCausalLM.from_config(hf_config)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     tied = {k for k in missing if k.endswith("lm_head.weight")} if hf_config.tie_word_embeddings else set()
