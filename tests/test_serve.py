@@ -1,0 +1,455 @@
+"""Serve stage against a real local Ray + Serve on 127.0.0.1, driven by the official ``openai`` client.
+
+The model is a tiny random GPT-2 with the real GPT-2 tokenizer (``serve_helpers``); every figure the
+server returns is checked against transformers run in this process on the same weights.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import torch
+from serve_helpers import make_tiny_gpt2
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rayllm.config import RunConfig, ServeConfig
+from rayllm.errors import ConfigError, RunDirError
+
+MODEL = "tiny-gpt2"
+CONTEXT = 128
+MAX_BATCH = 8
+NO_EOS = {"ignore_eos": True}  # a random model may sample end-of-text; fixed lengths keep counts exact
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_gpt2(tmp_path_factory.mktemp("serve") / MODEL, n_positions=CONTEXT)
+
+
+@pytest.fixture(scope="session")
+def hf(model_dir: Path) -> tuple[Any, Any]:
+    """The same weights in this process: the reference for every value the server returns."""
+    return AutoModelForCausalLM.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster: Any, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Serve on a free 127.0.0.1 port of the session's Ray (conftest); shut down even if a test fails."""
+    from rayllm import serve as rayllm_serve
+
+    cfg = RunConfig.model_validate(
+        {
+            "run_dir": str(tmp_path_factory.mktemp("run")),
+            "serve": {
+                "model_dir": str(model_dir),
+                "port": _free_port(),
+                "max_batch": MAX_BATCH,
+                "batch_wait_ms": 5,
+            },
+        }
+    )
+    try:
+        url = rayllm_serve.start(cfg)
+        summary = json.loads((Path(cfg.run_dir) / "serve" / "summary.json").read_text())
+        assert summary["url"] == url and summary["model"] == MODEL
+        yield url
+    finally:
+        rayllm_serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(server: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def http(server: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server, timeout=60, trust_env=False) as c:
+        yield c
+
+
+def _greedy(hf: tuple[Any, Any], ids: list[int], n: int) -> list[int]:
+    model, _ = hf
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
+    return out[0, len(ids) :].tolist()
+
+
+def _logprobs(hf: tuple[Any, Any], ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.log_softmax(hf[0](torch.tensor([ids])).logits[0].double(), dim=-1)
+
+
+# ---------------------------------------------------------------------------------- no Ray needed
+def test_engine_continuous_batching_matches_transformers_greedy(model_dir: Path, hf: tuple[Any, Any]) -> None:
+    """Sequences joining a running batch at different times decode exactly like one-at-a-time HF."""
+    from rayllm.serve.engine import Engine, SamplingParams
+
+    engine = Engine(str(model_dir), max_batch=3)
+    tok = hf[1]
+    prompts = [
+        tok.encode(t) for t in ("Hello there, my friend", "A", "The quick brown fox jumps over", "你好")
+    ]
+
+    async def run() -> list[list[int]]:
+        streams = []
+        for k, ids in enumerate(prompts):  # 4 sequences, 3 rows: the last waits for a free row
+            stream = engine.new_stream(
+                [ids], SamplingParams(max_tokens=6 + 4 * k, temperature=0, ignore_eos=True)
+            )
+            engine.add(stream.sequences)
+            streams.append(stream)
+            await asyncio.sleep(0.005)
+
+        async def tokens(stream: Any) -> list[int]:
+            return [t async for out in stream for t in out.token_ids]
+
+        try:
+            return await asyncio.gather(*(tokens(s) for s in streams))
+        finally:
+            await engine.close()
+
+    got = asyncio.run(run())
+    for k, ids in enumerate(prompts):
+        assert got[k] == _greedy(hf, ids, 6 + 4 * k)
+
+
+def test_model_dir_resolution_errors(tmp_path: Path, model_dir: Path) -> None:
+    from rayllm.serve import app_builder, resolve_model_dir
+
+    with pytest.raises(RunDirError, match="not a Hugging Face model folder"):
+        resolve_model_dir(ServeConfig(model_dir=str(tmp_path)), None)
+    with pytest.raises(RunDirError, match="rayllm train"):
+        resolve_model_dir(ServeConfig(), str(tmp_path / "run"))
+    (tmp_path / "run" / "train").mkdir(parents=True)
+    (tmp_path / "run" / "train" / "summary.json").write_text(json.dumps({"export_dir": str(model_dir)}))
+    assert resolve_model_dir(ServeConfig(), str(tmp_path / "run")) == str(model_dir.resolve())
+    with pytest.raises(ConfigError, match=r"serve\.max_batch"):
+        app_builder({"model_dir": str(model_dir), "max_batch": "0"})
+    app = app_builder({"run_dir": str(tmp_path / "run"), "max_batch": "4", "replicas.max": "2"})
+    assert type(app).__name__ == "Application"
+
+
+def test_serve_config_file_builds_the_app(model_dir: Path) -> None:
+    """examples/configs/serve.yaml is a valid Serve config whose import path and args build our app."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from rayllm.serve import app_builder
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "configs" / "serve.yaml"
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+    (app,) = schema.applications
+    assert app.import_path == "rayllm.serve:app_builder"
+    args = {k: v for k, v in app.args.items() if k != "run_dir"}
+    assert type(app_builder({**args, "model_dir": str(model_dir)})).__name__ == "Application"
+
+
+# ---------------------------------------------------------------------------------- live server
+def test_models_and_health(client: openai.OpenAI, http: httpx.Client) -> None:
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    health = http.get("/health").json()
+    assert health["status"] == "ok" and health["max_context"] == CONTEXT
+
+
+def test_greedy_completion_equals_transformers(client: openai.OpenAI, hf: tuple[Any, Any]) -> None:
+    prompt = "Hello, my name is"
+    ids = hf[1].encode(prompt)
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=7, temperature=0, extra_body=NO_EOS)
+    assert r.choices[0].text == hf[1].decode(_greedy(hf, ids, 7))
+    assert r.choices[0].finish_reason == "length"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (
+        len(ids),
+        7,
+        len(ids) + 7,
+    )
+
+
+def test_empty_prompt_starts_from_endoftext(client: openai.OpenAI) -> None:
+    r = client.completions.create(model=MODEL, prompt="", max_tokens=2, echo=True, extra_body=NO_EOS)
+    assert r.usage.prompt_tokens == 1 and r.choices[0].text.startswith("<|endoftext|>")
+
+
+def test_echo_logprobs_equal_transformers(client: openai.OpenAI, hf: tuple[Any, Any]) -> None:
+    """What evaluation harnesses send to score log-likelihoods, with prompts of different lengths batched."""
+    tok = hf[1]
+    prompts = [
+        tok.encode("The capital of France is Paris."),
+        tok.encode("To be, or not to be: that is the question"),
+    ]
+    r = client.completions.create(
+        model=MODEL, prompt=prompts, max_tokens=1, temperature=0, logprobs=1, echo=True
+    )
+    assert len(r.choices) == 2
+    for choice, ids in zip(r.choices, prompts, strict=True):
+        lp = choice.logprobs
+        expected = _logprobs(hf, ids)
+        assert len(lp.tokens) == len(ids) + 1
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        for pos in range(1, len(ids)):
+            assert lp.token_logprobs[pos] == pytest.approx(expected[pos - 1, ids[pos]].item(), abs=1e-4)
+            best = expected[pos - 1].argmax().item()
+            assert lp.top_logprobs[pos][tok.decode([best])] == pytest.approx(
+                expected[pos - 1, best].item(), abs=1e-4
+            )
+        generated = expected[-1].argmax().item()  # greedy: the one generated token is the argmax
+        assert lp.tokens[-1] == tok.decode([generated])
+        assert lp.token_logprobs[-1] == pytest.approx(expected[-1, generated].item(), abs=1e-4)
+        assert choice.text == tok.decode([*ids, generated])
+        assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(lp.tokens))]
+
+    scored = client.completions.create(model=MODEL, prompt="Hello world", max_tokens=0, echo=True, logprobs=1)
+    assert scored.choices[0].text == "Hello world" and scored.usage.completion_tokens == 0
+    assert len(scored.choices[0].logprobs.token_logprobs) == 2
+
+
+def test_seeded_sampling_is_reproducible_and_n_choices_differ(client: openai.OpenAI) -> None:
+    def sample(seed: int, n: int = 1) -> list[str]:
+        r = client.completions.create(
+            model=MODEL,
+            prompt="Once upon a time",
+            max_tokens=12,
+            temperature=1.0,
+            top_p=0.9,
+            seed=seed,
+            n=n,
+            extra_body=NO_EOS,
+        )
+        assert r.usage.completion_tokens == 12 * n
+        assert [c.index for c in r.choices] == list(range(n))
+        return [c.text for c in r.choices]
+
+    assert sample(7) == sample(7)
+    assert sample(7) != sample(8)
+    three = sample(7, n=3)
+    assert three == sample(7, n=3) and three[0] == sample(7)[0]
+    assert len(set(three)) == 3
+
+
+def test_streaming_matches_non_streaming(client: openai.OpenAI) -> None:
+    args = {"model": MODEL, "prompt": "In the beginning", "max_tokens": 24, "temperature": 1.0, "seed": 3}
+    full = client.completions.create(**args, extra_body=NO_EOS).choices[0].text
+    chunks = list(client.completions.create(**args, stream=True, extra_body=NO_EOS))
+    texts = [c.choices[0].text for c in chunks if c.choices]
+    assert len([t for t in texts if t]) >= 5  # token by token, not one final blob
+    assert "".join(texts) == full
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 24
+
+
+def test_stop_sequences_trim_output(client: openai.OpenAI) -> None:
+    args = {
+        "model": MODEL,
+        "prompt": "One two three",
+        "max_tokens": 20,
+        "temperature": 0,
+        "extra_body": NO_EOS,
+    }
+    full = client.completions.create(**args).choices[0].text
+    stop = full[6:9]
+    expected = full[: full.find(stop)]
+    r = client.completions.create(**args, stop=[stop, "never-appears"])
+    assert r.choices[0].text == expected and r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens < 20
+    streamed = "".join(
+        c.choices[0].text for c in client.completions.create(**args, stop=stop, stream=True) if c.choices
+    )
+    assert streamed == expected
+
+
+def test_chat_with_fallback_template(client: openai.OpenAI, hf: tuple[Any, Any]) -> None:
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hi."}]
+    prompt = "System: You are terse.\nUser: Say hi.\nAssistant:"
+    r = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=6, seed=5, extra_body=NO_EOS
+    )
+    assert r.choices[0].message.role == "assistant" and r.choices[0].message.content
+    assert r.usage.prompt_tokens == len(hf[1].encode(prompt)) and r.usage.completion_tokens <= 6
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=6, seed=5, stream=True, extra_body=NO_EOS
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == r.choices[0].message.content
+    )
+    greedy = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        max_tokens=4,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+        extra_body=NO_EOS,
+    )
+    content = greedy.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == greedy.choices[0].message.content
+    assert all(
+        len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob == pytest.approx(t.logprob) for t in content
+    )
+
+
+def test_chinese_round_trip(client: openai.OpenAI, http: httpx.Client, hf: tuple[Any, Any]) -> None:
+    text = "你好，世界！今天天气很好。"
+    echoed = client.completions.create(model=MODEL, prompt=text, max_tokens=0, echo=True)
+    assert echoed.choices[0].text == text and echoed.usage.prompt_tokens == len(hf[1].encode(text))
+    tokens = http.post("/tokenize", json={"prompt": text}).json()["tokens"]
+    assert tokens == hf[1].encode(text)
+    assert http.post("/detokenize", json={"tokens": tokens}).json()["prompt"] == text
+    streamed = client.completions.create(
+        model=MODEL, prompt=text, max_tokens=5, echo=True, stream=True, seed=1
+    )
+    assert "".join(c.choices[0].text for c in streamed if c.choices).startswith(text)
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": text}], max_tokens=3
+    )
+    assert chat.usage.prompt_tokens == len(hf[1].encode(f"User: {text}\nAssistant:"))
+
+
+def test_concurrent_requests_share_decode_steps(client: openai.OpenAI, http: httpx.Client) -> None:
+    """8 seeded clients at once get exactly what each gets alone, in far fewer engine steps than tokens."""
+
+    def one(i: int) -> str:
+        r = client.completions.create(
+            model=MODEL,
+            prompt=f"Request number {i}:",
+            max_tokens=20,
+            temperature=0.8,
+            seed=i,
+            extra_body=NO_EOS,
+        )
+        return r.choices[0].text
+
+    alone = [one(i) for i in range(8)]
+    before = http.get("/health").json()
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(one, range(8)))
+    after = http.get("/health").json()
+    assert together == alone
+    assert after["generated_tokens"] - before["generated_tokens"] == 160
+    assert after["steps"] - before["steps"] < 80
+
+
+def test_client_disconnect_cancels_generation(server: str, http: httpx.Client) -> None:
+    before = http.get("/health").json()
+    body = {
+        "model": MODEL,
+        "prompt": [50256] * 8,
+        "max_tokens": 120,
+        "n": MAX_BATCH,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    with (
+        httpx.Client(base_url=server, timeout=60, trust_env=False) as c,
+        c.stream("POST", "/v1/completions", json=body) as r,
+    ):
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                break  # first token arrived: hang up mid-generation
+    deadline = time.monotonic() + 20
+    while (health := http.get("/health").json())["active"] or health["pending"]:
+        assert time.monotonic() < deadline, health
+        time.sleep(0.1)
+    assert health["cancelled"] > before["cancelled"]
+    assert health["generated_tokens"] - before["generated_tokens"] < MAX_BATCH * 120
+
+
+LONG = list(range(1000, 1000 + CONTEXT + 10))
+BAD_REQUESTS = [
+    ("malformed JSON", "/v1/completions", b'{"prompt": "x",', 400, None),
+    ("JSON that is not an object", "/v1/completions", [1, 2], 400, None),
+    ("prompt of the wrong type", "/v1/completions", {"prompt": 5}, 400, "prompt"),
+    ("mixed prompt list", "/v1/completions", {"prompt": ["a", 1]}, 400, "prompt"),
+    ("max_tokens as a string", "/v1/completions", {"prompt": "x", "max_tokens": "ten"}, 400, "max_tokens"),
+    ("negative max_tokens", "/v1/completions", {"prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
+    ("huge max_tokens", "/v1/completions", {"prompt": "x", "max_tokens": 10**12}, 400, "max_tokens"),
+    (
+        "prompt longer than the context",
+        "/v1/completions",
+        {"prompt": LONG, "max_tokens": 1},
+        400,
+        "max_tokens",
+    ),
+    (
+        "prompt + max_tokens over the context",
+        "/v1/completions",
+        {"prompt": LONG[:100], "max_tokens": 50},
+        400,
+        "max_tokens",
+    ),
+    ("token id outside the vocabulary", "/v1/completions", {"prompt": [1, 99999999]}, 400, "prompt"),
+    ("unknown model", "/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "model"),
+    ("negative temperature", "/v1/completions", {"prompt": "x", "temperature": -1}, 400, "temperature"),
+    ("temperature above 2", "/v1/completions", {"prompt": "x", "temperature": 7}, 400, "temperature"),
+    ("top_p above 1", "/v1/completions", {"prompt": "x", "top_p": 1.5}, 400, "top_p"),
+    ("n above max_batch", "/v1/completions", {"prompt": "x", "n": MAX_BATCH + 1}, 400, "n"),
+    ("empty stop string", "/v1/completions", {"prompt": "x", "stop": [""]}, 400, "stop"),
+    ("unknown parameter", "/v1/completions", {"prompt": "x", "best_guess": True}, 400, "best_guess"),
+    ("unsupported penalty", "/v1/completions", {"prompt": "x", "presence_penalty": 1.0}, 400, None),
+    ("empty messages", "/v1/chat/completions", {"messages": []}, 400, "messages"),
+    (
+        "message without a valid role",
+        "/v1/chat/completions",
+        {"messages": [{"role": "bot", "content": "x"}]},
+        400,
+        "messages.0.role",
+    ),
+    (
+        "chat content of the wrong type",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": 3}]},
+        400,
+        "messages.0.content",
+    ),
+    ("10 MB body", "/v1/completions", b'{"prompt": "' + b"a" * 10_000_000 + b'"}', 413, None),
+    ("2 MB chunked body without a length", "/v1/completions", "chunked", 413, None),
+    ("unknown route", "/v1/embeddings", {"input": "x"}, 404, None),
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "param"), [b[1:] for b in BAD_REQUESTS], ids=[b[0] for b in BAD_REQUESTS]
+)
+def test_bad_requests_get_openai_errors(
+    http: httpx.Client, path: str, body: Any, status: int, param: str | None
+) -> None:
+    content: Any = body if isinstance(body, bytes) else json.dumps(body).encode()
+    if body == "chunked":
+        content = iter([b'{"prompt": "', *([b"a" * 65536] * 32), b'"}'])
+    r = http.post(path, content=content, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["type"] == "invalid_request_error"
+    if param is not None:
+        assert error["param"] == param
+
+
+def test_openai_client_errors_and_server_still_answers(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="x")
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        client.completions.create(model=MODEL, prompt=LONG[:100], max_tokens=100)
+    r = client.completions.create(model=MODEL, prompt="still alive?", max_tokens=3, extra_body=NO_EOS)
+    assert r.usage.completion_tokens == 3
