@@ -41,8 +41,16 @@ def test_demo_pipeline_end_to_end(ray_cluster, tiny_corpus, tmp_path):
     for stage in ("prep", "train", "eval"):
         assert (tmp_path / stage / "config.yaml").is_file(), stage
     train = json.loads((tmp_path / "train" / "summary.json").read_text())
-    for key in ("steps", "train_loss_first", "train_loss_last", "val_loss_first", "val_loss_last",
-                "tokens_per_second", "mfu", "export_dir"):
+    for key in (
+        "steps",
+        "train_loss_first",
+        "train_loss_last",
+        "val_loss_first",
+        "val_loss_last",
+        "tokens_per_second",
+        "mfu",
+        "export_dir",
+    ):
         assert train[key] is not None, key
     assert Path(train["export_dir"], "model.safetensors").is_file()
     assert (tmp_path / "train" / "loss.png").is_file()

@@ -11,13 +11,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zstandard
+from conftest import CHINESE, tiny_config
 
 from rayllm.config import CleanConfig, SourceConfig
 from rayllm.data.clean import clean_text
 from rayllm.data.sources import infer_format, list_files, read_file
 from rayllm.errors import DataError
-
-from conftest import CHINESE, tiny_config
 
 
 def item(path: Path, fmt: str | None = None, **kw) -> dict:
@@ -67,9 +66,18 @@ def test_parquet_column(tmp_path: Path):
 @pytest.mark.parametrize(
     ("name", "content", "message", "reason"),
     [
-        ("bad.jsonl", b'{"text": "ok"}\n{"text": broken\n', r"bad\.jsonl:2: malformed JSON", "malformed_json"),
-        ("field.jsonl", b'{"text": "ok"}\n{"body": "x"}\n', r"field\.jsonl:2: missing text field 'text'",
-         "missing_field"),
+        (
+            "bad.jsonl",
+            b'{"text": "ok"}\n{"text": broken\n',
+            r"bad\.jsonl:2: malformed JSON",
+            "malformed_json",
+        ),
+        (
+            "field.jsonl",
+            b'{"text": "ok"}\n{"body": "x"}\n',
+            r"field\.jsonl:2: missing text field 'text'",
+            "missing_field",
+        ),
         ("empty.txt", b"  \n\n", r"empty\.txt:1: file is empty", "empty_file"),
         ("blob.txt", b"abc\x00\x01\x02def", r"blob\.txt:1: binary file", "binary_file"),
     ],
@@ -122,8 +130,9 @@ def test_clean_steps():
 # --------------------------------------------------------------------------------- whole Ray Data runs
 def load_blocks(data_dir: Path, split: str) -> np.ndarray:
     files = sorted((data_dir / split).glob("*.parquet"))
-    return np.concatenate([np.stack(pq.read_table(f).column("input_ids").to_numpy(zero_copy_only=False))
-                           for f in files])
+    return np.concatenate(
+        [np.stack(pq.read_table(f).column("input_ids").to_numpy(zero_copy_only=False)) for f in files]
+    )
 
 
 def test_prep_accounts_for_every_document_and_token(prepped):
@@ -183,7 +192,9 @@ def test_mixed_formats_skip_policy_and_loaded_gpt2_tokenizer(ray_cluster, tmp_pa
     src.mkdir()
     verses = [{"text": f"And God said, Let there be light {i}: and there was light."} for i in range(300)]
     (src / "kjv.jsonl.gz").write_bytes(gzip.compress("\n".join(map(json.dumps, verses)).encode()))
-    pq.write_table(pa.table({"text": [f"{c} 第{i}章" for i, c in enumerate(CHINESE * 50)]}), src / "zh.parquet")
+    pq.write_table(
+        pa.table({"text": [f"{c} 第{i}章" for i, c in enumerate(CHINESE * 50)]}), src / "zh.parquet"
+    )
     (src / "broken.jsonl").write_text('{"text": "fine enough text here"}\n{oops\n')
     (src / "blob.txt").write_bytes(b"\x00\x01binary")
     tok = tmp_path / "gpt2"

@@ -115,7 +115,9 @@ def test_worker_killed_mid_run_resumes_exactly(ray_cluster, prepped, tmp_path):
     from rayllm.train import fit
     from rayllm.train.export import list_checkpoints
 
-    common = dict(max_steps=300, log_every=10, eval_every=50, checkpoint_every=50, export=False, max_failures=2)
+    common = dict(
+        max_steps=300, log_every=10, eval_every=50, checkpoint_every=50, export=False, max_failures=2
+    )
     ref = fit(run_cfg(prepped, tmp_path / "ref", **common))
     run = tmp_path / "run"
     result: dict = {}

@@ -8,6 +8,7 @@ token stream, drops adjacent duplicates, counts every drop by reason and packs b
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections import Counter
@@ -74,7 +75,12 @@ def _build_dataset(cfg: DataConfig) -> Any:
     import ray.data
 
     items = file_items(cfg)
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 256)))
+    # Few, large blocks: every block becomes a task in each stage and in the sort's shuffle, and
+    # on small clusters per-task overhead, not bytes, dominates. ~32 MB of input text per block.
+    blocks = int(os.environ.get("RAYLLM_PREP_BLOCKS", "0")) or max(
+        2 * _cluster_cpus(), min(256, sum(it["bytes"] for it in items) // (32 << 20))
+    )
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), blocks)))
     ds = ds.flat_map(read_file, fn_kwargs={"on_error": cfg.on_error, "invalid_utf8": cfg.invalid_utf8})
     ds = ds.map_batches(
         clean_batch,
@@ -85,6 +91,12 @@ def _build_dataset(cfg: DataConfig) -> Any:
     # Sorting by content hash makes exact duplicates adjacent, gives a shuffled, deterministic
     # document order, and makes the output independent of source order and sharding.
     return ds.sort(["hash", "copies"], descending=[False, True]), len(items)
+
+
+def _cluster_cpus() -> int:
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
 def _vocabulary(ds: Any, cfg: DataConfig, out: Path) -> Path:
@@ -119,7 +131,9 @@ def prep(cfg: RunConfig) -> dict[str, Any]:
         ctx.execution_options.preserve_order = True
         ds, n_files = _build_dataset(dcfg)
         ds = ds.materialize()
+        phases = {"read_clean_sort": time.time() - t0}
         tok_dir = _vocabulary(ds, dcfg, out)
+        phases["vocabulary"] = time.time() - t0 - phases["read_clean_sort"]
         from transformers import AutoTokenizer
 
         hf_tok = AutoTokenizer.from_pretrained(tok_dir)
@@ -134,6 +148,7 @@ def prep(cfg: RunConfig) -> dict[str, Any]:
         )
         stats = _pack_stream(tokens, dcfg, out)
     seconds = time.time() - t0
+    phases["tokenize_pack_write"] = seconds - sum(phases.values())
     manifest = {
         "files": n_files,
         **stats,
@@ -145,6 +160,7 @@ def prep(cfg: RunConfig) -> dict[str, Any]:
         "tokenizer": "tokenizer",
         "tokenizer_hash": tokenizer_hash(tok_dir),
         "seconds": round(seconds, 2),
+        "phase_seconds": {k: round(v, 2) for k, v in phases.items()},
         "tokens_per_second": round(stats["tokens"] / max(seconds, 1e-9), 1),
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")

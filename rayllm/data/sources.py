@@ -89,10 +89,14 @@ def file_items(cfg: DataConfig) -> list[dict[str, Any]]:
         raise DataError("data.sources is empty: name at least one file, directory, glob or URI")
     items = []
     for i, src in enumerate(cfg.sources):
-        for f in list_files(src, i):
+        files = list_files(src, i)
+        fs, _ = _filesystem(files[0])
+        sizes = [info.size or 0 for info in fs.get_file_info([_filesystem(f)[1] for f in files])]
+        for f, size in zip(files, sizes, strict=True):
             items.append(
                 {
                     "path": f,
+                    "bytes": size,
                     "source": i,
                     "format": src.format or infer_format(f),
                     "split_on": src.split_on,
