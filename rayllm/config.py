@@ -90,7 +90,7 @@ class DataConfig(Strict):
         "fail", description="bad input: stop with file and line, or skip and count it"
     )
     invalid_utf8: Literal["fail", "replace", "skip"] = "fail"
-    tokenize_batch: PositiveInt = 512
+    tokenize_batch: PositiveInt = 2048
     max_docs: PositiveInt | None = Field(None, description="cap on kept documents (quick runs)")
 
 

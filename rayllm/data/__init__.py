@@ -7,6 +7,7 @@ token stream, drops adjacent duplicates, counts every drop by reason and packs b
 
 from __future__ import annotations
 
+import heapq
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -32,33 +34,26 @@ SPLITS = ("train", "val")
 
 
 def tokenize_batch(batch: pa.Table, tok_json: str, eos_id: int, minhash_perm: int) -> pa.Table:
-    """Encode kept documents (EOS appended); mark in-batch adjacent duplicates before paying for them."""
+    """Encode kept documents with EOS appended (text is dropped: the driver needs only ids)."""
     reasons = batch.column("reason").to_pylist()
-    hashes = batch.column("hash").to_pylist()
     texts = batch.column("text").to_pylist()
     copies = batch.column("copies").to_pylist()
-    todo = []
-    for i, h in enumerate(hashes):
-        if reasons[i] or not copies[i]:
-            continue
-        if i and hashes[i - 1] == h:
-            reasons[i] = "duplicate"
-            continue
-        todo.append(i)
+    todo = [i for i, r in enumerate(reasons) if not r and copies[i]]
     tok = get_tokenizer(tok_json)
     encoded = tok.encode_batch_fast([texts[i] for i in todo], add_special_tokens=False) if todo else []
-    lengths = np.zeros(len(hashes), dtype=np.int64)
-    pieces: list[list[int]] = [[] for _ in hashes]
+    lengths = np.zeros(len(texts), dtype=np.int64)
+    pieces = []
+    eos = np.array([eos_id], dtype=np.int32)
     for i, enc in zip(todo, encoded, strict=True):
-        pieces[i] = [*enc.ids, eos_id]
-        lengths[i] = len(pieces[i])
+        pieces += [np.asarray(enc.ids, dtype=np.int32), eos]
+        lengths[i] = len(enc.ids) + 1
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    flat = np.fromiter((t for p in pieces for t in p), dtype=np.int32, count=int(offsets[-1]))
+    flat = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
     cols: dict[str, Any] = {
         "ids": pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(flat, type=pa.int32())),
         "hash": batch.column("hash"),
         "split": batch.column("split"),
-        "reason": pa.array(reasons, type=pa.string()),
+        "reason": batch.column("reason"),
         "copies": batch.column("copies"),
         "note": batch.column("note"),
     }
@@ -71,10 +66,9 @@ def tokenize_batch(batch: pa.Table, tok_json: str, eos_id: int, minhash_perm: in
     return pa.table(cols)
 
 
-def _build_dataset(cfg: DataConfig) -> Any:
+def _read_clean(cfg: DataConfig, items: list[dict[str, Any]]) -> Any:
     import ray.data
 
-    items = file_items(cfg)
     # Few, large blocks: every block becomes a task in each stage and in the sort's shuffle, and
     # on small clusters per-task overhead, not bytes, dominates. ~32 MB of input text per block.
     blocks = int(os.environ.get("RAYLLM_PREP_BLOCKS", "0")) or max(
@@ -82,15 +76,12 @@ def _build_dataset(cfg: DataConfig) -> Any:
     )
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), blocks)))
     ds = ds.flat_map(read_file, fn_kwargs={"on_error": cfg.on_error, "invalid_utf8": cfg.invalid_utf8})
-    ds = ds.map_batches(
+    return ds.map_batches(
         clean_batch,
         batch_format="pandas",
         batch_size=1024,
         fn_kwargs={"cfg": cfg.clean, "val_fraction": cfg.val_fraction},
     )
-    # Sorting by content hash makes exact duplicates adjacent, gives a shuffled, deterministic
-    # document order, and makes the output independent of source order and sharding.
-    return ds.sort(["hash", "copies"], descending=[False, True]), len(items)
 
 
 def _cluster_cpus() -> int:
@@ -99,17 +90,32 @@ def _cluster_cpus() -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
-def _vocabulary(ds: Any, cfg: DataConfig, out: Path) -> Path:
+def _smallest_hashes(batch: pd.DataFrame, k: int) -> pd.DataFrame:
+    kept = batch[batch["reason"] == ""]
+    return kept.sort_values("hash").head(k)[["hash", "text"]]
+
+
+def _vocabulary(cfg: DataConfig, items: list[dict[str, Any]], out: Path) -> Path:
+    """Load the configured tokenizer, or train one on the ``sample_docs`` documents of smallest hash.
+
+    The smallest hashes are a uniform, deterministic sample that no source order can change; each
+    block sends only its own k smallest to the driver, which keeps a running k: bounded memory.
+    """
     tok_dir = out / "tokenizer"
     if tok_dir.exists():
         shutil.rmtree(tok_dir)
     if cfg.tokenizer.path:
         return load_tokenizer(cfg.tokenizer.path, cfg.tokenizer, tok_dir)
-    sample = ds.filter(expr="reason == ''").select_columns(["text"]).limit(cfg.tokenizer.sample_docs)
-    texts = [t for b in sample.iter_batches(batch_format="pyarrow") for t in b.column("text").to_pylist()]
-    if not texts:
+    k = cfg.tokenizer.sample_docs
+    sample = _read_clean(cfg, items).map_batches(
+        _smallest_hashes, batch_format="pandas", batch_size=None, fn_kwargs={"k": k}
+    )
+    best: list[tuple[str, str]] = []
+    for b in sample.iter_batches(batch_format="pandas", batch_size=None):
+        best = heapq.nsmallest(k, [*best, *zip(b["hash"], b["text"], strict=True)])
+    if not best:
         raise DataError("no document survived reading and cleaning; nothing to build a vocabulary from")
-    return train_tokenizer(texts, cfg.tokenizer, tok_dir)
+    return train_tokenizer((text for _, text in best), cfg.tokenizer, tok_dir)
 
 
 def prep(cfg: RunConfig) -> dict[str, Any]:
@@ -129,18 +135,20 @@ def prep(cfg: RunConfig) -> dict[str, Any]:
     with ray_session(cfg.cluster):
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True
-        ds, n_files = _build_dataset(dcfg)
-        ds = ds.materialize()
-        phases = {"read_clean_sort": time.time() - t0}
-        tok_dir = _vocabulary(ds, dcfg, out)
-        phases["vocabulary"] = time.time() - t0 - phases["read_clean_sort"]
+        items = file_items(dcfg)
+        tok_dir = _vocabulary(dcfg, items, out)
+        phases = {"vocabulary": time.time() - t0}
         from transformers import AutoTokenizer
 
         hf_tok = AutoTokenizer.from_pretrained(tok_dir)
         eos_id = int(hf_tok.eos_token_id)
         tok_json = (tok_dir / "tokenizer.json").read_text(encoding="utf-8")
         perm = 128 if dcfg.clean.dedup == "minhash" else 0
-        tokens = ds.map_batches(
+        # Sorting by content hash makes exact duplicates adjacent (the driver drops them), gives a
+        # shuffled deterministic document order, and makes the output independent of source order.
+        # Text sorts several times faster than token-id lists, so tokenization comes after it.
+        docs = _read_clean(dcfg, items).sort(["hash", "copies"], descending=[False, True])
+        tokens = docs.map_batches(
             tokenize_batch,
             batch_format="pyarrow",
             batch_size=dcfg.tokenize_batch,
@@ -148,9 +156,9 @@ def prep(cfg: RunConfig) -> dict[str, Any]:
         )
         stats = _pack_stream(tokens, dcfg, out)
     seconds = time.time() - t0
-    phases["tokenize_pack_write"] = seconds - sum(phases.values())
+    phases["read_clean_sort_tokenize_pack"] = seconds - sum(phases.values())
     manifest = {
-        "files": n_files,
+        "files": len(items),
         **stats,
         "vocab_size": len(hf_tok),
         "eos_id": eos_id,
