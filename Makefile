@@ -17,10 +17,13 @@ install: $(STAMP)
 $(STAMP): pyproject.toml requirements/cpu-constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip wheel setuptools
-	$(BIN)/pip install -q $(CONSTRAINTS) "torch>=2.4" packaging py-cpuinfo psutil numpy ninja pydantic hjson msgpack einops
-	@# DeepSpeed's CPU ops are compiled once here, not JIT-compiled (a minute each) on every run.
-	$(BIN)/python -c "import deepspeed.ops.adam.cpu_adam" 2>/dev/null || \
-	  DS_BUILD_SHM_COMM=1 DS_BUILD_CPU_ADAM=1 $(BIN)/pip install -q $(CONSTRAINTS) --no-build-isolation "deepspeed==0.19.8"
+	$(BIN)/pip install -q $(CONSTRAINTS) "torch>=2.4" setuptools wheel packaging py-cpuinfo psutil numpy \
+	  ninja pydantic hjson msgpack einops tqdm
+	@# DeepSpeed's CPU ops are compiled once here, not JIT-compiled (a minute each) on every run;
+	@# --no-cache-dir so that a cached wheel built without the ops is never reused.
+	$(BIN)/python -c "import deepspeed.ops.adam.cpu_adam_op, deepspeed.ops.comm.deepspeed_shm_comm_op" 2>/dev/null || \
+	  DS_BUILD_SHM_COMM=1 DS_BUILD_CPU_ADAM=1 $(BIN)/pip install -q $(CONSTRAINTS) --no-build-isolation \
+	  --no-cache-dir --force-reinstall --no-deps "deepspeed==0.19.8"
 	$(BIN)/pip install -q $(CONSTRAINTS) -e ".[dev]"
 	$(BIN)/pip install -q --no-deps $(DATA_PKGS)
 	touch $(STAMP)

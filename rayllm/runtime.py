@@ -144,12 +144,27 @@ def stage_dir(run_dir: str, stage: str, create: bool = True) -> Path:
 
 
 def save_stage_config(cfg: RunConfig, stage: str) -> Path:
+    """Create the stage folder, save the resolved config, and log the stage to ``<stage>/stage.log``."""
     d = stage_dir(cfg.run_dir, stage)
     (d / "config.yaml").write_text(yaml.safe_dump(cfg.dump(), sort_keys=False), encoding="utf-8")
+    _log_to(d / "stage.log")
+    log.info("%s: run_dir=%s", stage, cfg.run_dir)
     return d
 
 
+def _log_to(path: Path) -> None:
+    """One file handler per stage log on the ``rayllm`` logger (the console stays quiet)."""
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    if any(getattr(h, "baseFilename", None) == str(path) for h in log.handlers):
+        return
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    log.addHandler(handler)
+
+
 def write_summary(d: Path, summary: dict[str, Any]) -> Path:
+    log.info("%s summary: %s", d.name, json.dumps(summary, ensure_ascii=False, default=str))
     p = d / "summary.json"
     tmp = p.with_suffix(".tmp")
     tmp.write_text(json.dumps(summary, indent=2, ensure_ascii=False, default=str), encoding="utf-8")

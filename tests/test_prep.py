@@ -212,3 +212,27 @@ def test_mixed_formats_skip_policy_and_loaded_gpt2_tokenizer(ray_cluster, tmp_pa
     assert m["dropped"]["malformed_json"] == 1 and m["dropped"]["binary_file"] == 1
     assert summary["documents_kept"] == 300 + 200 + 1
     assert m["documents_read"] == summary["documents_kept"] + sum(m["dropped"].values())
+
+
+def test_minhash_drops_near_duplicates(ray_cluster, tiny_corpus, tmp_path):
+    """Paragraphs differing by one word are near duplicates; exact dedup keeps them, MinHash does not."""
+    from rayllm.data import prep
+
+    src = tmp_path / "src"
+    src.mkdir()
+    base = (tiny_corpus / "hamlet_gut.txt").read_text(encoding="utf-8").split("\n\n")
+    paragraphs = [p for p in base if len(p) > 200][:60]
+    edited = [p.replace(" the ", " a ", 1) for p in paragraphs]
+    assert sum(a != b for a, b in zip(paragraphs, edited, strict=True)) > 30
+    (src / "a.txt").write_text("\n\n".join(paragraphs), encoding="utf-8")
+    (src / "b.txt").write_text("\n\n".join(edited), encoding="utf-8")
+    exact = prep(tiny_config(tmp_path / "exact", src, data__tokenizer={"vocab_size": 300}))
+    near = prep(
+        tiny_config(
+            tmp_path / "near", src, data__clean={"dedup": "minhash"}, data__tokenizer={"vocab_size": 300}
+        )
+    )
+    changed = sum(a != b for a, b in zip(paragraphs, edited, strict=True))
+    assert exact["dropped"].get("duplicate", 0) == 60 - changed
+    assert near["dropped"].get("near_duplicate", 0) >= changed - 2
+    assert near["documents_kept"] <= 62

@@ -22,12 +22,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from rayllm.config import DataConfig, RunConfig
-from rayllm.data.clean import clean_batch
+from rayllm.data.clean import MINHASH_SCHEME, clean_batch
 from rayllm.data.pack import Packer, ShardWriter
 from rayllm.data.sources import file_items, read_file
 from rayllm.data.tokenizer import get_tokenizer, load_tokenizer, tokenizer_hash, train_tokenizer
 from rayllm.errors import DataError
-from rayllm.runtime import ray_session, save_stage_config, write_summary
+from rayllm.runtime import MetricsWriter, ray_session, save_stage_config, write_summary
 
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
@@ -172,6 +172,9 @@ def prep(cfg: RunConfig) -> dict[str, Any]:
         "tokens_per_second": round(stats["tokens"] / max(seconds, 1e-9), 1),
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
+    metrics = MetricsWriter(out / "metrics.jsonl")
+    metrics.write(**{k: v for k, v in manifest.items() if k != "shards"})
+    metrics.close()
     summary = {
         "documents_in": stats["documents_read"],
         "documents_kept": stats["documents_kept"],
@@ -262,7 +265,7 @@ def _pack_stream(tokens: Any, dcfg: DataConfig, out: Path) -> dict[str, Any]:
 def _near_duplicate(lsh: Any, key: str, sig: bytes) -> str:
     from datasketch import MinHash
 
-    m = MinHash(num_perm=128, hashvalues=np.frombuffer(sig, dtype=np.uint64))
+    m = MinHash(num_perm=128, hashvalues=np.frombuffer(sig, dtype=np.uint64), scheme=MINHASH_SCHEME)
     if lsh.query(m):
         return "near_duplicate"
     lsh.insert(key, m)

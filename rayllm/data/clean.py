@@ -22,6 +22,8 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b\ufeff]")
 _TRAILING = re.compile(r"[ \t]+\n")
 _BLANK_RUNS = re.compile(r"\n{3,}")
 _WORD = re.compile(r"\w+|\W+")
+# Signatures travel from Ray tasks to the driver as raw values; both sides must use one scheme.
+MINHASH_SCHEME = "affine32"
 
 
 @lru_cache(maxsize=8)
@@ -96,7 +98,7 @@ def minhash_signatures(texts: list[str], num_perm: int = 128, ngram: int = 5) ->
 
     sigs = []
     for t in texts:
-        m = MinHash(num_perm=num_perm, seed=1)
+        m = MinHash(num_perm=num_perm, seed=1, scheme=MINHASH_SCHEME)
         grams = {t[i : i + ngram] for i in range(max(1, len(t) - ngram + 1))}
         m.update_batch([g.encode("utf-8") for g in grams])
         sigs.append(m)
