@@ -365,7 +365,7 @@ def load_config(
             raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {p}: top level must be a mapping of sections")
-        raw = _deep_merge(raw, loaded)
+        raw = deep_merge(raw, loaded)
     raw = apply_overrides(raw, overrides or [])
     if run_dir is not None:
         raw["run_dir"] = run_dir
@@ -379,10 +379,11 @@ def validate_config(raw: dict[str, Any], origin: str = "") -> RunConfig:
         raise ConfigError(_format_errors(e, f" ({origin})" if origin else "")) from None
 
 
-def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """``b`` over ``a``, recursing into mappings (YAML files, DeepSpeed ``extra``)."""
     out = dict(a)
     for k, v in b.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 

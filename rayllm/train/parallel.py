@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from rayllm.config import OptimizerConfig, ScheduleConfig, TrainConfig
+from rayllm.config import OptimizerConfig, ScheduleConfig, TrainConfig, deep_merge
 
 # Dense bf16/fp16 tensor-core peak FLOP/s per device (vendor datasheets, without sparsity).
 PEAK_FLOPS = {
@@ -61,14 +61,7 @@ def deepspeed_config(t: TrainConfig, world: int, load_universal: bool = False) -
             "type": "AdamW" if o.name == "adamw" else "Adam",
             "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay},
         }
-    return _merge(cfg, ds.extra)
-
-
-def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+    return deep_merge(cfg, ds.extra)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:

@@ -1,0 +1,65 @@
+"""The generated DeepSpeed config, optimizers and LR schedules (no Ray, no processes)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rayllm.config import OptimizerConfig, ScheduleConfig, TrainConfig
+from rayllm.train.parallel import build_optimizer, deepspeed_config, lr_lambda
+
+
+def test_deepspeed_config_from_train_config():
+    t = TrainConfig(
+        workers=[1, 2],
+        global_batch=16,
+        micro_batch=4,
+        grad_clip=0.5,
+        deepspeed={
+            "zero_stage": 3,
+            "offload_optimizer": True,
+            "offload_params": True,
+            "precision": "bf16",
+            "extra": {"zero_optimization": {"reduce_bucket_size": 1000}},
+        },
+    )
+    one, two = deepspeed_config(t, 1), deepspeed_config(t, 2, load_universal=True)
+    assert (one["gradient_accumulation_steps"], two["gradient_accumulation_steps"]) == (4, 2)
+    assert one["train_batch_size"] == two["train_batch_size"] == 16
+    z = two["zero_optimization"]
+    assert (
+        z["stage"] == 3
+        and z["offload_optimizer"]["device"] == "cpu"
+        and z["offload_param"]["device"] == "cpu"
+    )
+    assert z["reduce_bucket_size"] == 1000 and z["contiguous_gradients"] is True
+    assert two["bf16"]["enabled"] and not two["fp16"]["enabled"]
+    assert two["gradient_clipping"] == 0.5 and two["checkpoint"]["load_universal"] is True
+    assert two["optimizer"]["type"] == "AdamW"  # offload: DeepSpeedCPUAdam built from the config
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw", "adafactor"])
+def test_every_optimizer_steps_and_skips_decay_on_1d(name: str):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    opt = build_optimizer(model, OptimizerConfig(name=name, lr=0.1, weight_decay=0.1))
+    decays = sorted(g["weight_decay"] for g in opt.param_groups)
+    assert decays == [0.0, 0.1]
+    before = model[0].weight.detach().clone()
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    assert not torch.equal(before, model[0].weight)
+
+
+def test_lr_schedules():
+    warm = lr_lambda(ScheduleConfig(warmup_steps=4, decay="cosine", min_lr_ratio=0.1), max_steps=104)
+    assert warm(0) == pytest.approx(0.2) and warm(3) == pytest.approx(0.8)
+    assert (
+        warm(4) == pytest.approx(1.0) and warm(54) == pytest.approx(0.55) and warm(104) == pytest.approx(0.1)
+    )
+    linear = lr_lambda(ScheduleConfig(warmup_steps=0, decay="linear", min_lr_ratio=0.0), max_steps=10)
+    assert [linear(s) for s in (0, 5, 10)] == pytest.approx([1.0, 0.5, 0.0])
+    const = lr_lambda(ScheduleConfig(warmup_steps=0, decay="constant"), max_steps=10)
+    assert {const(s) for s in range(20)} == {1.0}
+    assert math.isclose(warm(1000), 0.1)
