@@ -210,4 +210,10 @@ def _default_config() -> str:
 
 
 def main() -> None:
+    from rayllm.runtime import DEFAULT_ENV
+
+    for key, value in DEFAULT_ENV.items():  # quiet DeepSpeed/transformers in this process too
+        os.environ.setdefault(key, value)
+    if not os.path.exists("/dev/nvidiactl"):
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     app(prog_name="rayllm")

@@ -27,7 +27,6 @@ log = logging.getLogger("rayllm")
 # DeepSpeed JIT-builds its CPU ops on first use; a persistent extensions dir (filled at install time
 # by `make`) keeps every later run and every Ray worker from paying that minute again.
 DEFAULT_ENV = {
-    "DS_ACCELERATOR": "cpu",
     "TOKENIZERS_PARALLELISM": "false",
     "RAY_TRAIN_V2_ENABLED": "1",
     "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::FutureWarning,ignore::UserWarning",
@@ -39,8 +38,8 @@ DEFAULT_ENV = {
 
 def worker_env(cfg: ClusterConfig | None = None, use_gpu: bool = False) -> dict[str, str]:
     env = dict(DEFAULT_ENV)
-    if use_gpu:
-        env.pop("DS_ACCELERATOR")
+    if not use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"  # also silences DeepSpeed's accelerator probing
     for key in ("TORCH_EXTENSIONS_DIR", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"):
         if key in os.environ:
             env[key] = os.environ[key]

@@ -102,6 +102,16 @@ def test_resize_two_one_two_workers(ray_cluster, prepped, tmp_path):
     assert two["val_loss_last"] == pytest.approx(ref["val_loss_last"], rel=2e-3)
 
 
+def test_elastic_range_starts_at_the_capacity_it_finds(ray_cluster, prepped, tmp_path):
+    """workers=[1, 2] on a 2-CPU node: Ray Train V2's elastic policy starts 2 and the loop adapts."""
+    from rayllm.train import fit
+
+    s = fit(run_cfg(prepped, tmp_path, workers=[1, 2], export=False))
+    assert s["steps"] == 12
+    worlds = {r["world"] for r in metrics(tmp_path) if "loss" in r}
+    assert worlds == {2}
+
+
 def _worker_pids() -> list[int]:
     from ray.util.state import list_actors
 

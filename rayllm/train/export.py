@@ -47,8 +47,8 @@ def export_checkpoint(ckpt_dir: Path, out_dir: Path, tokenizer_dir: Path | None)
     else:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        # DeepSpeed narrates every shard on stdout; the CLI prints its own summary.
-        with contextlib.redirect_stdout(io.StringIO()):
+        # DeepSpeed narrates every shard and draws progress bars; the CLI prints its own summary.
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             weights = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=TAG)
     model = AutoModelForCausalLM.from_config(hf_config)
     missing, unexpected = model.load_state_dict(weights, strict=False)
