@@ -163,6 +163,12 @@ class TrainConfig(Strict):
         0.5, description="fractional on CPU so Ray Data read tasks keep a core"
     )
     gpus_per_worker: Annotated[float, Field(ge=0)] = 1.0
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict, description="extra custom Ray resources per worker, e.g. a node slot"
+    )
+    elastic_monitor_s: PositiveFloat = Field(
+        60.0, description="elastic ranges: how often Ray Train checks for capacity to scale back up"
+    )
     max_steps: PositiveInt = 300
     global_batch: PositiveInt = Field(16, description="sequences per optimizer step, all workers")
     micro_batch: PositiveInt = Field(8, description="sequences per forward pass on one worker")

@@ -66,6 +66,7 @@ def build_trainer(
     resources = {"CPU": t.cpus_per_worker}
     if t.use_gpu:
         resources["GPU"] = t.gpus_per_worker
+    resources.update(t.resources_per_worker)
     splits = {}
     for split in ("train", "val"):
         ds = ray.data.read_parquet(str(data_dir / split), file_extensions=["parquet"])
@@ -78,6 +79,7 @@ def build_trainer(
             num_workers=lo if lo == hi else (lo, hi),
             use_gpu=t.use_gpu,
             resources_per_worker=resources,
+            elastic_resize_monitor_interval_s=t.elastic_monitor_s,
         ),
         run_config=ray.train.RunConfig(
             name=RUN_NAME,
