@@ -18,7 +18,7 @@ os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "20"
 os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"
 sys.path.insert(0, str(Path(__file__).parent))
 
-from conftest import tiny_config  # noqa: E402
+from conftest import tiny_config
 
 
 def metrics(run: Path) -> list[dict]:
@@ -26,7 +26,7 @@ def metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def wait_for(predicate, timeout: float, what: str) -> float:  # noqa: ANN001
+def wait_for(predicate, timeout: float, what: str) -> float:
     t0 = time.time()
     while time.time() - t0 < timeout:
         if predicate():
