@@ -19,11 +19,12 @@ from rayllm.config import RunConfig
 from rayllm.errors import ConfigError
 
 
-def run_cfg(prepped: RunConfig, run_dir: Path, **train) -> RunConfig:
+def run_cfg(prepped: RunConfig, run_dir: Path, model: dict | None = None, **train) -> RunConfig:
     """A train config reading the shared prepped data, writing to its own run dir."""
     cfg = prepped.model_copy(deep=True)
     raw = cfg.dump()
     raw["run_dir"] = str(run_dir)
+    raw["model"].update(model or {})
     raw["train"].update(data_dir=str(Path(prepped.run_dir) / "prep"), **train)
     return RunConfig.model_validate(raw)
 
@@ -128,10 +129,13 @@ def test_worker_killed_mid_run_resumes_exactly(ray_cluster, prepped, tmp_path):
     common = dict(
         max_steps=300, log_every=10, eval_every=50, checkpoint_every=50, export=False, max_failures=2
     )
-    ref = fit(run_cfg(prepped, tmp_path / "ref", **common))
+    # dropout makes the comparison depend on the restored per-rank RNG streams too
+    ref = fit(run_cfg(prepped, tmp_path / "ref", model={"dropout": 0.1}, **common))
     run = tmp_path / "run"
     result: dict = {}
-    thread = threading.Thread(target=lambda: result.update(fit(run_cfg(prepped, run, **common))))
+    thread = threading.Thread(
+        target=lambda: result.update(fit(run_cfg(prepped, run, model={"dropout": 0.1}, **common)))
+    )
     thread.start()
     deadline = time.time() + 240
     killed_at = None

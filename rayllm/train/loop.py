@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import random
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -145,6 +146,11 @@ class Worker:
                 )
                 if path is None:
                     raise RuntimeError(f"DeepSpeed could not load checkpoint {load_dir}/{tag}")
+            # RNG streams (dropout, sampling) continue per rank when the world size is unchanged;
+            # after a resize ranks map to different data, so fresh seeded streams are as good.
+            rng = Path(d) / f"rng_rank{self.rank}.pt"
+            if saved.world == self.world and rng.is_file():
+                _set_rng_state(torch.load(rng, weights_only=False))
         self.state = TrainState(**{**asdict(saved), "world": self.world})
         self._log(event="resume", step=saved.step, from_world=saved.world, world=self.world)
 
@@ -155,6 +161,7 @@ class Worker:
             # The universal-checkpoint marker lets ds_to_universal reshard this checkpoint later.
             client = {"rayllm": asdict(self.state), UNIVERSAL_INFO: {"universal_checkpoint_version": 0.4}}
             self.engine.save_checkpoint(d, tag=TAG, client_state=client)
+            torch.save(_rng_state(), Path(d) / f"rng_rank{self.rank}.pt")
             if self.rank == 0:
                 (Path(d) / STATE_FILE).write_text(json.dumps(asdict(self.state)))
                 self.hf_config.save_pretrained(d)
@@ -288,6 +295,21 @@ class Worker:
         if grad_norm is not None:
             out["grad_norm"] = float(grad_norm)
         return out
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _memory_mb(device: torch.device) -> float:
