@@ -85,6 +85,23 @@ def test_zero3_export_round_trip(ray_cluster, prepped, tmp_path):
     assert loss.item() == pytest.approx(s["val_loss_last"], rel=1e-4)
 
 
+def test_continue_from_local_hf_folder_with_bf16_and_activation_checkpointing(ray_cluster, prepped, tmp_path):
+    """model.path: a local HF folder (an export) is the starting point; bf16 + checkpointing on CPU."""
+    from rayllm.train import fit
+
+    first = fit(run_cfg(prepped, tmp_path / "a", deepspeed={"zero_stage": 1}))
+    cfg = run_cfg(
+        prepped,
+        tmp_path / "b",
+        model={"path": first["export_dir"]},
+        deepspeed={"zero_stage": 2, "precision": "bf16", "activation_checkpointing": True},
+    )
+    s = fit(cfg)
+    # starts where the exported model ended, not from a random init
+    assert s["val_loss_first"] == pytest.approx(first["val_loss_last"], rel=0.02)
+    assert s["val_loss_last"] < s["val_loss_first"]
+
+
 def test_resize_two_one_two_workers(ray_cluster, prepped, tmp_path):
     """Train at 2 workers, resume the same run at 1 (universal checkpoint), then back at 2."""
     from rayllm.train import fit
