@@ -155,6 +155,11 @@ class DeepSpeedConfig(Strict):
 
 class TrainConfig(Strict):
     data_dir: str | None = Field(None, description="packed data; default: <run_dir>/prep")
+    storage: str | None = Field(
+        None,
+        description="where Ray Train keeps checkpoints: a path every node shares or a pyarrow URI "
+        "(s3://, gs://, hdfs://); default: <run_dir>/train/ray",
+    )
     workers: PositiveInt | tuple[PositiveInt, PositiveInt] = Field(
         2, description="fixed count, or [min, max] for elastic training"
     )

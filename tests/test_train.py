@@ -102,6 +102,23 @@ def test_continue_from_local_hf_folder_with_bf16_and_activation_checkpointing(ra
     assert s["val_loss_last"] < s["val_loss_first"]
 
 
+def test_checkpoints_to_a_storage_uri_resume_and_export(ray_cluster, prepped, tmp_path):
+    """train.storage as a URI (file:// here; s3:// and gs:// take the same pyarrow path)."""
+    from rayllm.train import fit
+    from rayllm.train.export import export_run
+
+    remote = tmp_path / "bucket"
+    uri = f"file://{remote}"
+    first = fit(run_cfg(prepped, tmp_path / "run", storage=uri, max_steps=6, export=False))
+    assert first["checkpoint"].startswith(str(remote / "train"))
+    assert list(remote.glob("train/checkpoint_*/ckpt/*optim_states.pt"))
+    assert not (tmp_path / "run" / "train" / "ray").exists()
+    second = fit(run_cfg(prepped, tmp_path / "run", storage=uri, max_steps=12))
+    assert second["steps"] == 12 and second["resumes"] == 1
+    out = export_run(str(tmp_path / "run"), str(tmp_path / "exported"))
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+
+
 def test_resize_two_one_two_workers(ray_cluster, prepped, tmp_path):
     """Train at 2 workers, resume the same run at 1 (universal checkpoint), then back at 2."""
     from rayllm.train import fit

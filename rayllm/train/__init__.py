@@ -83,7 +83,7 @@ def build_trainer(
         ),
         run_config=ray.train.RunConfig(
             name=RUN_NAME,
-            storage_path=str(out / "ray"),
+            storage_path=storage_of(cfg, out),
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             callbacks=callbacks,
@@ -95,18 +95,31 @@ def build_trainer(
     )
 
 
+def storage_of(cfg: RunConfig, out: Path) -> str:
+    return cfg.train.storage or str(out / "ray")
+
+
+def _clear_storage(storage: str) -> None:
+    """``train.resume: false``: forget the previous run's checkpoints, wherever they live."""
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(storage) if "://" in storage else (pafs.LocalFileSystem(), storage)
+    if fs.get_file_info(f"{path}/{RUN_NAME}").type != pafs.FileType.NotFound:
+        fs.delete_dir(f"{path}/{RUN_NAME}")
+
+
 def fit(cfg: RunConfig) -> dict[str, Any]:
     """Train (resuming when the run dir holds checkpoints), export, and write ``train/summary.json``."""
-    from rayllm.train.export import export_checkpoint, list_checkpoints
+    from rayllm.train.export import export_checkpoint
 
     t = cfg.train
     data_dir = data_dir_of(cfg)
     manifest = load_manifest(data_dir)
     check_compatible(cfg, manifest)
     out = save_stage_config(cfg, "train")
-    storage = out / "ray"
     if not t.resume:
-        for p in (storage, out / "metrics.jsonl", out / "tensorboard"):
+        _clear_storage(storage_of(cfg, out))
+        for p in (out / "metrics.jsonl", out / "tensorboard"):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     t0 = time.time()
     with ray_session(cfg.cluster, use_gpu=t.use_gpu):
@@ -115,11 +128,12 @@ def fit(cfg: RunConfig) -> dict[str, Any]:
     summary = summarize(out / "metrics.jsonl")
     plot_losses(out / "metrics.jsonl", out / "loss.png")
     summary.update(seconds=round(seconds, 1), data_dir=str(data_dir), checkpoint=None, export_dir=None)
-    ckpts = list_checkpoints(storage)
-    if ckpts:
-        summary["checkpoint"] = str(ckpts[-1])
+    if result.checkpoint is not None:
+        # The latest checkpoint Ray registered; as_directory() downloads it when storage is remote.
+        summary["checkpoint"] = result.checkpoint.path
         if t.export:
-            export = export_checkpoint(ckpts[-1], out / "export", data_dir / "tokenizer")
+            with result.checkpoint.as_directory() as d:
+                export = export_checkpoint(Path(d), out / "export", data_dir / "tokenizer")
             summary["export_dir"] = str(export)
     if result.error:
         raise result.error

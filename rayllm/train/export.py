@@ -10,9 +10,11 @@ import contextlib
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 from rayllm.errors import RunDirError
 from rayllm.runtime import stage_dir
+from rayllm.train import RUN_NAME
 from rayllm.train.loop import STATE_FILE, TAG
 
 
@@ -68,14 +70,36 @@ def export_checkpoint(ckpt_dir: Path, out_dir: Path, tokenizer_dir: Path | None)
     return out_dir
 
 
+def latest_checkpoint(storage: str) -> Any:
+    """The newest registered checkpoint under a Ray Train storage path (local or any pyarrow URI)."""
+    import pyarrow.fs as pafs
+    from ray.train import Checkpoint
+
+    fs, root = pafs.FileSystem.from_uri(storage) if "://" in storage else (pafs.LocalFileSystem(), storage)
+    snapshot = f"{root}/{RUN_NAME}/checkpoint_manager_snapshot.json"
+    if fs.get_file_info(snapshot).type == pafs.FileType.NotFound:
+        return None
+    with fs.open_input_stream(snapshot) as f:
+        latest = json.loads(f.read()).get("latest_checkpoint_result")
+    if not latest:
+        return None
+    return Checkpoint(path=f"{root}/{RUN_NAME}/{latest['checkpoint_dir_name']}", filesystem=fs)
+
+
 def export_run(run_dir: str, out_dir: str | None = None) -> Path:
     """``rayllm export RUN_DIR``: the last checkpoint of the run -> ``<run_dir>/train/export``."""
+    import yaml
+
     train_dir = stage_dir(run_dir, "train", create=False)
-    ckpts = list_checkpoints(train_dir / "ray") if train_dir.is_dir() else []
-    if not ckpts:
-        raise RunDirError(f"no train checkpoint under {train_dir}: run `rayllm train` first")
-    tok = _tokenizer_dir(train_dir)
-    return export_checkpoint(ckpts[-1], Path(out_dir) if out_dir else train_dir / "export", tok)
+    config = train_dir / "config.yaml"
+    storage = yaml.safe_load(config.read_text())["train"].get("storage") if config.is_file() else None
+    ckpt = latest_checkpoint(storage or str(train_dir / "ray"))
+    if ckpt is None:
+        raise RunDirError(f"no train checkpoint under {storage or train_dir}: run `rayllm train` first")
+    with ckpt.as_directory() as d:
+        return export_checkpoint(
+            Path(d), Path(out_dir) if out_dir else train_dir / "export", _tokenizer_dir(train_dir)
+        )
 
 
 def _tokenizer_dir(train_dir: Path) -> Path | None:
