@@ -42,8 +42,9 @@ def metrics(run_dir: Path) -> list[dict]:
         {"zero_stage": 2},
         {"zero_stage": 3},
         {"zero_stage": 2, "offload_optimizer": True},
+        {"zero_stage": 3, "offload_optimizer": True, "offload_params": True},
     ],
-    ids=["zero0", "zero1", "zero2", "zero3", "zero2-offload"],
+    ids=["zero0", "zero1", "zero2", "zero3", "zero2-offload", "zero3-offload-params"],
 )
 def test_loss_decreases_for_each_zero_stage(ray_cluster, prepped, tmp_path, deepspeed):
     from rayllm.train import fit
@@ -117,6 +118,26 @@ def test_checkpoints_to_a_storage_uri_resume_and_export(ray_cluster, prepped, tm
     assert second["steps"] == 12 and second["resumes"] == 1
     out = export_run(str(tmp_path / "run"), str(tmp_path / "exported"))
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+
+
+def test_llama_family_trains(ray_cluster, prepped, tmp_path):
+    """The config-defined Llama shape (RMSNorm, RoPE, SwiGLU, grouped-query attention) under ZeRO-2."""
+    from rayllm.train import fit
+
+    s = fit(run_cfg(prepped, tmp_path, model={"family": "llama", "n_kv_head": 1}, export=False))
+    assert s["val_loss_last"] < s["val_loss_first"] - 0.3
+    hf = json.loads((Path(s["checkpoint"]) / "config.json").read_text())
+    assert hf["model_type"] == "llama" and hf["num_key_value_heads"] == 1
+
+
+def test_model_folder_with_a_smaller_vocabulary_is_rejected(prepped, tmp_path):
+    from transformers import GPT2Config
+
+    from rayllm.train import fit
+
+    GPT2Config(vocab_size=100, n_layer=1, n_embd=16, n_head=2).save_pretrained(tmp_path / "small")
+    with pytest.raises(ConfigError, match=r"has vocab_size=100 but the data's tokenizer has 512 tokens"):
+        fit(run_cfg(prepped, tmp_path / "run", model={"path": str(tmp_path / "small")}))
 
 
 def test_resize_two_one_two_workers(ray_cluster, prepped, tmp_path):
