@@ -140,6 +140,15 @@ def test_model_folder_with_a_smaller_vocabulary_is_rejected(prepped, tmp_path):
         fit(run_cfg(prepped, tmp_path / "run", model={"path": str(tmp_path / "small")}))
 
 
+@pytest.mark.slow
+def test_torch_compile(ray_cluster, prepped, tmp_path):
+    """deepspeed.compile: true compiles the engine's module (inductor on CPU, ~30 s of compile here)."""
+    from rayllm.train import fit
+
+    s = fit(run_cfg(prepped, tmp_path, deepspeed={"zero_stage": 2, "compile": True}, export=False))
+    assert s["steps"] == 12 and s["val_loss_last"] < s["val_loss_first"] - 0.3
+
+
 def test_resize_two_one_two_workers(ray_cluster, prepped, tmp_path):
     """Train at 2 workers, resume the same run at 1 (universal checkpoint), then back at 2."""
     from rayllm.train import fit
