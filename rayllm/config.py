@@ -91,6 +91,9 @@ class DataConfig(Strict):
     )
     invalid_utf8: Literal["fail", "replace", "skip"] = "fail"
     tokenize_batch: PositiveInt = 2048
+    keep_doc_boundaries: bool = Field(
+        False, description="also write position_ids restarting after each EOS (document-masked attention)"
+    )
     max_docs: PositiveInt | None = Field(None, description="cap on kept documents (quick runs)")
 
 

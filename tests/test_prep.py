@@ -236,3 +236,15 @@ def test_minhash_drops_near_duplicates(ray_cluster, tiny_corpus, tmp_path):
     assert exact["dropped"].get("duplicate", 0) == 60 - changed
     assert near["dropped"].get("near_duplicate", 0) >= changed - 2
     assert near["documents_kept"] <= 62
+
+
+def test_document_boundaries_as_position_ids(tmp_path):
+    from rayllm.data.pack import ShardWriter, position_ids
+
+    blocks = np.array([[5, 6, 0, 7, 8, 9], [1, 0, 0, 2, 3, 0]], dtype=np.int32)
+    assert position_ids(blocks, eos_id=0).tolist() == [[0, 1, 2, 0, 1, 2], [0, 1, 0, 0, 1, 2]]
+    writer = ShardWriter(tmp_path, "train", block_len=6, shard_rows=2, boundaries_eos=0)
+    writer.write(blocks)
+    table = pq.read_table(tmp_path / "train" / "shard-00000.parquet")
+    assert table.column_names == ["input_ids", "position_ids"]
+    assert table.column("position_ids").to_pylist()[1] == [0, 1, 0, 0, 1, 2]

@@ -154,7 +154,7 @@ def prep(cfg: RunConfig) -> dict[str, Any]:
             batch_size=dcfg.tokenize_batch,
             fn_kwargs={"tok_json": tok_json, "eos_id": eos_id, "minhash_perm": perm},
         )
-        stats = _pack_stream(tokens, dcfg, out)
+        stats = _pack_stream(tokens, dcfg, out, eos_id)
     seconds = time.time() - t0
     phases["read_clean_sort_tokenize_pack"] = seconds - sum(phases.values())
     manifest = {
@@ -192,9 +192,10 @@ def prep(cfg: RunConfig) -> dict[str, Any]:
     return summary
 
 
-def _pack_stream(tokens: Any, dcfg: DataConfig, out: Path) -> dict[str, Any]:
+def _pack_stream(tokens: Any, dcfg: DataConfig, out: Path, eos_id: int) -> dict[str, Any]:
     block_len = dcfg.seq_len + 1
-    packers = {s: Packer(ShardWriter(out, s, block_len, dcfg.shard_rows)) for s in SPLITS}
+    eos = eos_id if dcfg.keep_doc_boundaries else None
+    packers = {s: Packer(ShardWriter(out, s, block_len, dcfg.shard_rows, eos)) for s in SPLITS}
     dropped: Counter[str] = Counter()
     notes: Counter[str] = Counter()
     read = kept = 0

@@ -22,19 +22,23 @@ ROW_GROUP = 1024
 class ShardWriter:
     """Writes ``<dir>/<split>/shard-NNNNN.parquet`` files of ``shard_rows`` blocks each."""
 
-    def __init__(self, out_dir: Path, split: str, block_len: int, shard_rows: int) -> None:
+    def __init__(
+        self, out_dir: Path, split: str, block_len: int, shard_rows: int, boundaries_eos: int | None = None
+    ) -> None:
         self.dir = out_dir / split
         self.dir.mkdir(parents=True, exist_ok=True)
         self.split = split
         self.block_len = block_len
         self.shard_rows = shard_rows
+        self.boundaries_eos = boundaries_eos
         self.shards: list[dict[str, Any]] = []
 
     def write(self, blocks: np.ndarray) -> None:
         path = self.dir / f"shard-{len(self.shards):05d}.parquet"
-        flat = pa.array(blocks.reshape(-1), type=pa.int32())
-        column = pa.FixedSizeListArray.from_arrays(flat, self.block_len)
-        table = pa.table({"input_ids": column})
+        columns = {"input_ids": self._column(blocks)}
+        if self.boundaries_eos is not None:
+            columns["position_ids"] = self._column(position_ids(blocks, self.boundaries_eos))
+        table = pa.table(columns)
         pq.write_table(table, path, compression="zstd", row_group_size=ROW_GROUP, write_statistics=False)
         self.shards.append(
             {
@@ -44,6 +48,22 @@ class ShardWriter:
                 "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
             }
         )
+
+    def _column(self, blocks: np.ndarray) -> pa.FixedSizeListArray:
+        return pa.FixedSizeListArray.from_arrays(
+            pa.array(blocks.reshape(-1), type=pa.int32()), self.block_len
+        )
+
+
+def position_ids(blocks: np.ndarray, eos_id: int) -> np.ndarray:
+    """Positions that restart after every EOS (and at each block start): document boundaries that
+    attention can be masked on, and RoPE/learned positions that do not run across documents."""
+    idx = np.broadcast_to(np.arange(blocks.shape[1]), blocks.shape)
+    starts = np.zeros(blocks.shape, dtype=bool)
+    starts[:, 0] = True
+    starts[:, 1:] = blocks[:, :-1] == eos_id
+    last_start = np.maximum.accumulate(np.where(starts, idx, 0), axis=1)
+    return (idx - last_start).astype(np.int32)
 
 
 class Packer:
