@@ -41,7 +41,7 @@ def main(corpus: Path, work: Path) -> None:
 
     from rayllm.data import prep
     from rayllm.train import fit
-    from rayllm.train.export import list_checkpoints
+    from rayllm.train.export import latest_checkpoint
 
     cluster = Cluster(
         initialize_head=True,
@@ -70,7 +70,11 @@ def main(corpus: Path, work: Path) -> None:
         result: dict = {}
         thread = threading.Thread(target=lambda: result.update(fit(cfg)))
         thread.start()
-        wait_for(lambda: list_checkpoints(work / "train" / "ray") and metrics(work), 180, "a checkpoint")
+        wait_for(
+            lambda: latest_checkpoint(str(work / "train" / "ray")) is not None and metrics(work),
+            180,
+            "a checkpoint",
+        )
         cluster.remove_node(nodes[1])
         removed_at = time.time()
         shrink_s = wait_for(

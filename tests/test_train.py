@@ -188,7 +188,7 @@ def _worker_pids() -> list[int]:
 def test_worker_killed_mid_run_resumes_exactly(ray_cluster, prepped, tmp_path):
     """SIGKILL a worker after a registered checkpoint: the run resumes there and ends like an unbroken one."""
     from rayllm.train import fit
-    from rayllm.train.export import list_checkpoints
+    from rayllm.train.export import latest_checkpoint
 
     common = dict(
         max_steps=300, log_every=10, eval_every=50, checkpoint_every=50, export=False, max_failures=2
@@ -205,7 +205,7 @@ def test_worker_killed_mid_run_resumes_exactly(ray_cluster, prepped, tmp_path):
     killed_at = None
     while time.time() < deadline and thread.is_alive() and killed_at is None:
         steps = [r["step"] for r in metrics(run) if "loss" in r]
-        if steps and steps[-1] < 250 and list_checkpoints(run / "train" / "ray"):
+        if steps and steps[-1] < 250 and latest_checkpoint(str(run / "train" / "ray")) is not None:
             pids = _worker_pids()
             if pids:
                 os.kill(pids[-1], signal.SIGKILL)

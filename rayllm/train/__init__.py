@@ -125,8 +125,9 @@ def fit(cfg: RunConfig) -> dict[str, Any]:
     with ray_session(cfg.cluster, use_gpu=t.use_gpu):
         result = build_trainer(cfg, data_dir, manifest, out).fit()
     seconds = time.time() - t0
-    summary = summarize(out / "metrics.jsonl")
-    plot_losses(out / "metrics.jsonl", out / "loss.png")
+    rows = read_metrics(out / "metrics.jsonl")
+    summary = summarize(rows)
+    plot_losses(rows, out / "loss.png")
     summary.update(seconds=round(seconds, 1), data_dir=str(data_dir), checkpoint=None, export_dir=None)
     if result.checkpoint is not None:
         # The latest checkpoint Ray registered; as_directory() downloads it when storage is remote.
@@ -141,14 +142,17 @@ def fit(cfg: RunConfig) -> dict[str, Any]:
     return summary
 
 
-def plot_losses(metrics_path: Path, png: Path) -> None:
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_losses(rows: list[dict[str, Any]], png: Path) -> None:
     """Train and validation loss against step, one PNG for people (TensorBoard has the rest)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     fig, ax = plt.subplots(figsize=(7, 4))
     for key, label in (("loss", "train"), ("val_loss", "validation")):
         points = sorted({r["step"]: r[key] for r in rows if key in r}.items())
@@ -163,9 +167,8 @@ def plot_losses(metrics_path: Path, png: Path) -> None:
     plt.close(fig)
 
 
-def summarize(metrics_path: Path) -> dict[str, Any]:
-    """Headline figures from the metrics file (the latest record per step wins after a resume)."""
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Headline figures from the metrics records (the latest record per step wins after a resume)."""
     by_step: dict[int, dict[str, Any]] = {}
     for r in rows:
         if "event" in r:

@@ -18,20 +18,6 @@ from rayllm.train import RUN_NAME
 from rayllm.train.loop import STATE_FILE, TAG
 
 
-def list_checkpoints(storage: Path) -> list[Path]:
-    """Checkpoints that Ray Train registered under a storage dir, oldest step first.
-
-    Ray lists registered checkpoints in ``checkpoint_manager_snapshot.json``; a folder that is not in
-    it was written by a worker group that died before the controller registered it, and may be partial.
-    """
-    registered: set[Path] = set()
-    for snap in storage.glob("**/checkpoint_manager_snapshot.json"):
-        for r in json.loads(snap.read_text()).get("checkpoint_results", []):
-            registered.add(snap.parent / r["checkpoint_dir_name"])
-    found = [p.parent for p in storage.glob(f"**/{STATE_FILE}") if p.parent in registered]
-    return sorted(found, key=lambda p: json.loads((p / STATE_FILE).read_text())["step"])
-
-
 def export_checkpoint(ckpt_dir: Path, out_dir: Path, tokenizer_dir: Path | None) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
