@@ -83,16 +83,18 @@ def _wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 12
     pytest.fail(f"Ray head not ready after {timeout:.0f}s:\n{log.read_text()[-3000:]}")
 
 
-def _kill_head(proc: subprocess.Popen) -> None:
+def _kill_head(proc: subprocess.Popen, temp_dir: Path) -> None:
     """Stop exactly the processes this head started, including workers that run in their own sessions.
 
     SIGTERM first; after a job, raylet and leftover detached actors can take half a minute to go,
-    so whatever is still there after a few seconds is killed by PID.
+    so whatever is still there after a few seconds is killed by PID. A job driver that Ray re-parented
+    (e.g. after a stop) is found by its working directory, which lies inside this head's temp dir.
     """
     try:
         family = psutil.Process(proc.pid).children(recursive=True)
     except psutil.NoSuchProcess:
         family = []
+    family += _processes_under(temp_dir, exclude={p.pid for p in family})
     with contextlib.suppress(ProcessLookupError, subprocess.TimeoutExpired):
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=5)
@@ -104,6 +106,15 @@ def _kill_head(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=10)
     psutil.wait_procs(alive, timeout=10)
+
+
+def _processes_under(temp_dir: Path, exclude: set[int]) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["pid", "cwd"]):
+        cwd = p.info.get("cwd") or ""
+        if p.info["pid"] not in exclude and cwd.startswith(str(temp_dir)):
+            found.append(p)
+    return found
 
 
 @contextlib.contextmanager
@@ -128,7 +139,7 @@ def ray_head(**auth: str) -> Iterator[str]:
         _wait_ready(url, proc, log)
         yield url
     finally:
-        _kill_head(proc)
+        _kill_head(proc, tmp)
         subprocess.run(["rm", "-rf", str(tmp)], check=False)
 
 
