@@ -178,6 +178,34 @@ def read_summary(run_dir: str, stage: str) -> dict[str, Any]:
     return json.loads(p.read_text(encoding="utf-8"))
 
 
+def exported_model_dir(explicit: str | None, field: str, run_dir: str | None) -> str:
+    """The model a stage should load: ``field`` when set, else the run's export (train ``export_dir``)."""
+    if explicit:
+        return model_folder(Path(explicit).expanduser(), f"{field}={explicit}", field)
+    if run_dir:
+        raw = read_summary(run_dir, "train").get("export_dir") or ""
+        origin = f"{run_dir}/train/summary.json export_dir"
+        if not raw:
+            raise RunDirError(
+                f"{origin} is empty: the train stage exported no model (train.export=false?); "
+                f"run `rayllm train` with train.export=true, `rayllm export`, or set {field}"
+            )
+        path = Path(raw).expanduser()
+        if not path.is_absolute() and not path.exists():
+            path = Path(run_dir).expanduser() / path
+        return model_folder(path, f"{origin}={raw}", field)
+    raise RunDirError(f"no model: set {field}, or a run_dir whose train stage exported a model")
+
+
+def model_folder(path: Path, origin: str, field: str = "model_dir") -> str:
+    if not (path / "config.json").is_file():
+        raise RunDirError(
+            f"{origin}: not a Hugging Face model folder (no config.json in {path.resolve()}); "
+            f"point {field} at a folder written by save_pretrained"
+        )
+    return str(path.resolve())
+
+
 class MetricsWriter:
     """Append-only jsonl; each line has ``time`` and the metrics, flushed so a crash loses nothing."""
 

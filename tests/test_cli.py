@@ -59,6 +59,14 @@ def test_missing_run_artifacts_exit_2(tmp_path: Path):
     assert "manifest.json not found" in result.output and "rayllm prep" in result.output
     result = runner.invoke(app, ["export", str(tmp_path)])
     assert result.exit_code == 2 and "no train checkpoint" in result.output
+    result = runner.invoke(app, ["eval", "--run-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "rayllm train" in result.output
+    result = runner.invoke(app, ["eval", "--run-dir", str(tmp_path), "--set", f"eval.model_dir={tmp_path}"])
+    assert (
+        result.exit_code == 2
+        and "eval.model_dir=" in result.output
+        and "not a Hugging Face model folder" in result.output
+    )
 
 
 def test_missing_source_path_exit_2(tmp_path: Path):

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from rayllm.config import RunConfig
 from rayllm.errors import RunDirError
-from rayllm.runtime import MetricsWriter, ray_session, read_summary, save_stage_config, write_summary
+from rayllm.runtime import MetricsWriter, exported_model_dir, ray_session, save_stage_config, write_summary
 
 
 class BlockScorer:
@@ -51,24 +50,13 @@ class BlockScorer:
         }
 
 
-def model_dir_of(cfg: RunConfig, explicit: str | None) -> str:
-    if explicit:
-        if not Path(explicit).is_dir():
-            raise RunDirError(f"model dir {explicit} does not exist")
-        return explicit
-    export = read_summary(cfg.run_dir, "train").get("export_dir")
-    if not export or not Path(export).is_dir():
-        raise RunDirError(f"the train stage of {cfg.run_dir} has no exported model: run `rayllm export`")
-    return export
-
-
 def evaluate(cfg: RunConfig) -> dict[str, Any]:
     """Score the val split; writes ``eval/summary.json`` with ``loss`` and ``perplexity``."""
     import ray.data
 
     from rayllm.train import data_dir_of
 
-    model_dir = model_dir_of(cfg, cfg.eval.model_dir)
+    model_dir = exported_model_dir(cfg.eval.model_dir, "eval.model_dir", cfg.run_dir)
     val_dir = data_dir_of(cfg) / "val"
     if not val_dir.is_dir():
         raise RunDirError(f"{val_dir} not found: run `rayllm prep` (with data.val_fraction > 0) first")

@@ -30,8 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rayllm.config import ServeConfig, validate_config
-from rayllm.errors import RunDirError
-from rayllm.runtime import read_summary, worker_env
+from rayllm.runtime import exported_model_dir, model_folder, worker_env
 from rayllm.serve.engine import Engine, GenerationStream, Output, SamplingParams, TokenLogprob
 from rayllm.serve.protocol import (
     APIError,
@@ -543,33 +542,7 @@ def build_api(server: LLMServer) -> FastAPI:
 # ---------------------------------------------------------------------------------- app building
 def resolve_model_dir(serve_cfg: ServeConfig, run_dir: str | None) -> str:
     """``serve.model_dir``, else the run's exported model (``train/summary.json`` ``export_dir``)."""
-    if serve_cfg.model_dir:
-        return _model_folder(Path(serve_cfg.model_dir).expanduser(), f"serve.model_dir={serve_cfg.model_dir}")
-    if run_dir:
-        summary = read_summary(run_dir, "train")
-        raw = summary.get("export_dir") or ""
-        origin = f"{run_dir}/train/summary.json export_dir"
-        if not raw:
-            raise RunDirError(
-                f"{origin} is empty: the train stage exported no model (train.export=false?); "
-                "run `rayllm train` with train.export=true or set serve.model_dir"
-            )
-        path = Path(raw).expanduser()
-        if not path.is_absolute() and not path.exists():
-            path = Path(run_dir).expanduser() / path
-        return _model_folder(path, f"{origin}={raw}")
-    raise RunDirError(
-        "nothing to serve: set serve.model_dir, or a run_dir whose train stage exported a model"
-    )
-
-
-def _model_folder(path: Path, origin: str) -> str:
-    if not (path / "config.json").is_file():
-        raise RunDirError(
-            f"{origin}: not a Hugging Face model folder (no config.json in {path.resolve()}); "
-            "point serve.model_dir at a folder written by save_pretrained"
-        )
-    return str(path.resolve())
+    return exported_model_dir(serve_cfg.model_dir, "serve.model_dir", run_dir)
 
 
 def model_name(serve_cfg: ServeConfig, model_dir: str) -> str:
@@ -578,7 +551,7 @@ def model_name(serve_cfg: ServeConfig, model_dir: str) -> str:
 
 def build_app(serve_cfg: ServeConfig, model_dir: str) -> Application:
     """The Serve application for ``model_dir`` with replicas, resources and batching from ``serve_cfg``."""
-    model_dir = _model_folder(Path(model_dir).expanduser(), f"model_dir={model_dir}")
+    model_dir = model_folder(Path(model_dir).expanduser(), f"model_dir={model_dir}", "serve.model_dir")
     replicas = serve_cfg.replicas
     gpu = serve_cfg.gpus_per_replica > 0
     return LLMServer.options(
