@@ -131,11 +131,10 @@ def prep(cfg: RunConfig) -> dict[str, Any]:
             shutil.rmtree(p)
         elif p.exists():
             p.unlink()
-    file_items(dcfg)  # fail on missing paths before starting Ray
+    items = file_items(dcfg)  # listed once, before Ray starts: missing paths fail fast
     with ray_session(cfg.cluster):
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True
-        items = file_items(dcfg)
         tok_dir = _vocabulary(dcfg, items, out)
         phases = {"vocabulary": time.time() - t0}
         from transformers import AutoTokenizer
