@@ -44,12 +44,10 @@ class TrainState:
     zero_stage: int = 0
 
 
-def lm_loss(engine: Any, x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Next-token cross entropy over a packed block of ``seq_len + 1`` tokens (mean, token count)."""
+def lm_loss(engine: Any, x: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross entropy over packed blocks of ``seq_len + 1`` tokens."""
     logits = engine(input_ids=x[:, :-1]).logits
-    targets = x[:, 1:]
-    loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
-    return loss, targets.numel()
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1))
 
 
 def _rank_slicer(rank: int, world: int):
@@ -241,7 +239,7 @@ class Worker:
                 x = x.to(self.device, non_blocking=True)
                 step_loss = 0.0
                 for m in range(self.accum):
-                    loss, _ = lm_loss(self.engine, x[m * t.micro_batch : (m + 1) * t.micro_batch])
+                    loss = lm_loss(self.engine, x[m * t.micro_batch : (m + 1) * t.micro_batch])
                     self.engine.backward(loss)
                     self.engine.step()
                     step_loss += loss.item() / self.accum
