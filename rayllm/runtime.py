@@ -55,18 +55,21 @@ def init_ray(cfg: ClusterConfig, use_gpu: bool = False) -> bool:
     """
     import ray
 
-    for k, v in worker_env(cfg, use_gpu).items():
+    for k, v in worker_env(None, use_gpu).items():
         os.environ.setdefault(k, v)
+    os.environ.update(cfg.env_vars)  # explicit config wins over the caller's environment
     if ray.is_initialized():
         return False
     if not cfg.verbose:
         logging.getLogger("ray").setLevel(logging.ERROR)
     address = cfg.address or os.environ.get("RAY_ADDRESS")
-    runtime_env: dict[str, Any] = {"env_vars": worker_env(cfg, use_gpu)}
+    # Workers of a Ray this process starts inherit its environment (set just above); a runtime env
+    # would only make Ray start fresh workers for it (~1 s). Joining a cluster needs the env vars.
+    runtime_env: dict[str, Any] = {"env_vars": worker_env(cfg, use_gpu)} if address else {}
     if cfg.working_dir:
         runtime_env["working_dir"] = cfg.working_dir
     common = dict(
-        runtime_env=runtime_env,
+        runtime_env=runtime_env or None,
         logging_level=logging.INFO if cfg.verbose else logging.ERROR,
         log_to_driver=cfg.verbose,
         configure_logging=True,

@@ -122,3 +122,31 @@ def test_readme_config_reference_is_current():
 
     readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
     assert reference_markdown() in readme, "run `make docs` to regenerate the README's config reference"
+
+
+def test_local_ray_workers_get_cluster_env_vars():
+    """A Ray that rayllm starts passes its environment to workers without a runtime env (which
+    would make Ray start fresh workers); cluster.env_vars win over the caller's environment."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import os, ray\n"
+        "from rayllm.config import ClusterConfig\n"
+        "from rayllm.runtime import ray_session\n"
+        "cfg = ClusterConfig(num_cpus=1, object_store_gb=0.1, env_vars={'RAYLLM_PROBE': 'config'})\n"
+        "with ray_session(cfg):\n"
+        "    probe = ray.remote(lambda: [os.environ.get(k) for k in ('RAYLLM_PROBE', 'HF_HUB_OFFLINE')])\n"
+        "    print(ray.get(probe.remote()))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**env, "RAYLLM_PROBE": "shell"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "['config', '1']"
