@@ -237,3 +237,19 @@ def test_bad_configuration_fails_before_workers(prepped, tmp_path):
         fit(RunConfig.model_validate(raw))
     with pytest.raises(Exception, match=r"manifest\.json not found"):
         fit(tiny_config(tmp_path / "empty", tmp_path))
+
+
+def test_ingest_keeps_order_whatever_the_driver_context():
+    """Ray Train copies preserve_order from the driver's DataContext (off by default): a standalone
+    `rayllm train` must still read the one deterministic stream that exact resume depends on."""
+    import ray.data
+
+    from rayllm.train import ordered_ingest
+
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = False
+    try:
+        assert ordered_ingest().preserve_order is True
+    finally:
+        ctx.execution_options.preserve_order = saved

@@ -70,6 +70,8 @@ def build_trainer(
     splits = {}
     for split in ("train", "val"):
         ds = ray.data.read_parquet(str(data_dir / split), file_extensions=["parquet"])
+        # Rows in file order, also when materialized here (the driver's context may say otherwise).
+        ds.context.execution_options.preserve_order = True
         size_gb = manifest["blocks"][split] * manifest["block_len"] * 4 / 2**30
         splits[split] = ds.materialize() if size_gb < t.cache_data_gb else ds
     return TorchTrainer(
@@ -91,8 +93,19 @@ def build_trainer(
         datasets=splits,
         # Every worker reads the whole (deterministic) stream and takes its slice per step:
         # the data position then survives restarts and world-size changes exactly.
-        dataset_config=DataConfig(datasets_to_split=[]),
+        dataset_config=DataConfig(datasets_to_split=[], execution_options=ordered_ingest()),
     )
+
+
+def ordered_ingest() -> Any:
+    """Train's default ingest options with ``preserve_order`` on. Ray Train copies that flag from
+    the driver's DataContext, where it is off unless something else turned it on: without it the
+    "deterministic" stream is reordered by whichever read task finishes first."""
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
 
 
 def storage_of(cfg: RunConfig, out: Path) -> str:
