@@ -64,6 +64,8 @@ def evaluate(cfg: RunConfig) -> dict[str, Any]:
     t0 = time.time()
     with ray_session(cfg.cluster):
         ds = ray.data.read_parquet(str(val_dir), file_extensions=["parquet"])
+        # eval.max_batches means the first rows of the split, not those of the fastest read tasks.
+        ds.context.execution_options.preserve_order = True
         if cfg.eval.max_batches:
             ds = ds.limit(cfg.eval.max_batches * cfg.eval.batch_size)
         scored = ds.map_batches(
