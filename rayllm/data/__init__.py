@@ -1,31 +1,42 @@
-"""prep stage (Ray Data): sources -> clean -> dedup -> vocabulary -> tokenize -> pack -> parquet + manifest.
+"""prep stage (Ray Data): sources -> clean -> vocabulary -> tokenize -> dedup -> pack -> parquet + manifest.
 
-Parallel work (reading, cleaning, the corpus-wide sort that makes exact duplicates adjacent and the
-output independent of source order, tokenization) runs in Ray Data. The driver consumes the ordered
-token stream, drops adjacent duplicates, counts every drop by reason and packs blocks into shards.
+Parallel work runs in Ray Data: one task per bin of files reads, cleans and tokenizes, then a
+corpus-wide sort by content hash makes exact duplicates adjacent and the output independent of
+source order. The driver consumes the ordered token stream, drops adjacent duplicates, counts every
+drop by reason and packs blocks into shards.
 """
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import json
 import os
 import shutil
 import time
 from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from rayllm.config import DataConfig, RunConfig
-from rayllm.data.clean import MINHASH_SCHEME, clean_batch
+from rayllm.data.clean import MINHASH_SCHEME, clean_batch, hash_fraction
 from rayllm.data.pack import Packer, ShardWriter
-from rayllm.data.sources import file_items, read_file
-from rayllm.data.tokenizer import get_tokenizer, load_tokenizer, tokenizer_hash, train_tokenizer
+from rayllm.data.sources import ROW_SCHEMA, file_items, read_file
+from rayllm.data.tokenizer import (
+    Encoder,
+    FastSpec,
+    fast_spec,
+    load_tokenizer,
+    tokenizer_hash,
+    train_tokenizer,
+)
 from rayllm.errors import DataError
 from rayllm.runtime import MetricsWriter, ray_session, save_stage_config, write_summary
 
@@ -33,24 +44,47 @@ MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
 
 
-def tokenize_batch(batch: pa.Table, tok_json: str, eos_id: int, minhash_perm: int) -> pa.Table:
-    """Encode kept documents with EOS appended (text is dropped: the driver needs only ids)."""
+# Share of documents that a fast engine's ids are checked on against the tokenizers library.
+CHECK_FRACTION = 1 / 32
+# Input bytes per read -> clean -> tokenize task.
+BIN_BYTES = 4 << 20
+# Up to this many bins the corpus-wide sort uses Ray's classic pull-based shuffle: its fixed cost
+# is ~0.1 s where Ray 2.60's default (shuffle v2) costs ~3 s, but its tasks grow as bins squared.
+SMALL_SORT_BINS = 256
+
+
+def tokenize_batch(
+    batch: pa.Table, tok_json: str, fast: FastSpec | None, eos_id: int, chunk: int, minhash_perm: int
+) -> pa.Table:
+    """Encode kept documents with EOS appended (text is dropped: the driver needs only ids).
+
+    ``chunk`` documents at a time: ids turn into int32 arrays before the next chunk, so a task's
+    memory stays near its input size, not that of Python lists of ints.
+    """
     reasons = batch.column("reason").to_pylist()
     texts = batch.column("text").to_pylist()
     copies = batch.column("copies").to_pylist()
+    hashes = batch.column("hash").to_pylist()
     todo = [i for i, r in enumerate(reasons) if not r and copies[i]]
-    tok = get_tokenizer(tok_json)
-    encoded = tok.encode_batch_fast([texts[i] for i in todo], add_special_tokens=False) if todo else []
+    encoder = Encoder(tok_json, fast)  # ~15 ms: tiktoken's tables from the ranks
+    # uint16 where the vocabulary fits (GPT-2's does): half the bytes through the sort and the store.
+    dtype = np.uint16 if encoder.max_id < 1 << 16 else np.int32
     lengths = np.zeros(len(texts), dtype=np.int64)
     pieces = []
-    eos = np.array([eos_id], dtype=np.int32)
-    for i, enc in zip(todo, encoded, strict=True):
-        pieces += [np.asarray(enc.ids, dtype=np.int32), eos]
-        lengths[i] = len(enc.ids) + 1
+    eos = np.array([eos_id], dtype=dtype)
+    for start in range(0, len(todo), chunk):
+        rows = todo[start : start + chunk]
+        docs = [texts[i] for i in rows]
+        encoded = encoder.encode_batch(docs)
+        if encoder.engine != "tokenizers":
+            _check_sample(encoder, docs, encoded, [hashes[i] for i in rows])
+        for i, ids in zip(rows, encoded, strict=True):
+            pieces += [np.asarray(ids, dtype=dtype), eos]
+            lengths[i] = len(ids) + 1
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    flat = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
+    flat = np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
     cols: dict[str, Any] = {
-        "ids": pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(flat, type=pa.int32())),
+        "ids": pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(flat)),
         "hash": batch.column("hash"),
         "split": batch.column("split"),
         "reason": batch.column("reason"),
@@ -66,106 +100,191 @@ def tokenize_batch(batch: pa.Table, tok_json: str, eos_id: int, minhash_perm: in
     return pa.table(cols)
 
 
-def _read_clean(cfg: DataConfig, items: list[dict[str, Any]]) -> Any:
-    import ray.data
-
-    # Few, large blocks: every block becomes a task in each stage and in the sort's shuffle, and
-    # on small clusters per-task overhead, not bytes, dominates. ~32 MB of input text per block.
-    blocks = int(os.environ.get("RAYLLM_PREP_BLOCKS", "0")) or max(
-        2 * _cluster_cpus(), min(256, sum(it["bytes"] for it in items) // (32 << 20))
-    )
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), blocks)))
-    ds = ds.flat_map(read_file, fn_kwargs={"on_error": cfg.on_error, "invalid_utf8": cfg.invalid_utf8})
-    return ds.map_batches(
-        clean_batch,
-        batch_format="pandas",
-        batch_size=1024,
-        fn_kwargs={"cfg": cfg.clean, "val_fraction": cfg.val_fraction},
-    )
+def _check_sample(encoder: Encoder, docs: list[str], encoded: list[list[int]], hashes: list[str]) -> None:
+    """Compare a deterministic sample (by document hash) with the tokenizers library: a fast
+    engine that ever disagrees stops the run rather than write different ids silently."""
+    pick = [k for k, h in enumerate(hashes) if hash_fraction(h, 2) < CHECK_FRACTION]
+    if not pick:
+        return
+    want = encoder.reference([docs[k] for k in pick])
+    for k, ids in zip(pick, want, strict=True):
+        if encoded[k] != ids:
+            raise DataError(
+                f"data.tokenizer.engine: {encoder.engine} and the tokenizers library give different ids "
+                f"for the document starting {docs[k][:60]!r}; set data.tokenizer.engine=tokenizers"
+            )
 
 
-def _cluster_cpus() -> int:
+def read_clean_bins(batch: pa.Table, cfg: DataConfig) -> pa.Table:
+    """``map_batches`` body: read and clean the files of a bin, in one task. A file at a time
+    becomes a compact Arrow table, so per-document Python objects never pile up for a whole bin."""
+    tables = [
+        clean_batch(
+            pa.Table.from_pylist(list(read_file(item, cfg.on_error, cfg.invalid_utf8)), schema=ROW_SCHEMA),
+            cfg.clean,
+            cfg.val_fraction,
+        )
+        for files in batch.column("files").to_pylist()
+        for item in json.loads(files)
+    ]
+    return pa.concat_tables(tables)
+
+
+def file_bins(items: list[dict[str, Any]], n: int) -> list[list[dict[str, Any]]]:
+    """Split the files into ``n`` bins of about equal bytes (largest first into the lightest bin):
+    a bin is one task, so a corpus of one big file and many small ones still keeps every CPU busy."""
+    bins: list[list[dict[str, Any]]] = [[] for _ in range(min(n, len(items)))]
+    heap = [(0, k) for k in range(len(bins))]
+    for item in sorted(items, key=lambda it: (-it["bytes"], it["path"])):
+        size, k = heapq.heappop(heap)
+        bins[k].append(item)
+        heapq.heappush(heap, (size + item["bytes"], k))
+    return bins
+
+
+def _bins(items: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Few, large tasks: on small clusters per-task overhead, not bytes, dominates. Two bins per CPU
+    so that a slow one does not hold the stage, and ~BIN_BYTES of input per bin beyond that, which
+    bounds a task's memory whatever the corpus size."""
     import ray
 
-    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return file_bins(items, max(2 * cpus, -(-sum(it["bytes"] for it in items) // BIN_BYTES)))
 
 
-def _smallest_hashes(batch: pd.DataFrame, k: int) -> pd.DataFrame:
-    kept = batch[batch["reason"] == ""]
-    return kept.sort_values("hash").head(k)[["hash", "text"]]
+def _read_clean(cfg: DataConfig, bins: list[list[dict[str, Any]]]) -> Any:
+    import ray.data
+
+    rows = [{"files": json.dumps(b)} for b in bins]
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+    return ds.map_batches(read_clean_bins, batch_format="pyarrow", batch_size=1, fn_kwargs={"cfg": cfg})
 
 
-def _vocabulary(cfg: DataConfig, items: list[dict[str, Any]], out: Path) -> Path:
-    """Load the configured tokenizer, or train one on the ``sample_docs`` documents of smallest hash.
+def _smallest_hashes(batch: pa.Table, k: int) -> pa.Table:
+    kept = batch.filter(pc.equal(batch.column("reason"), ""))
+    return kept.sort_by("hash").slice(0, k).select(["hash", "text"])
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """The run's tokenizer folder and what the stage needs from it."""
+
+    dir: Path
+    json: str
+    eos_id: int
+    pad_id: int
+    size: int
+    fast: FastSpec | None
+
+
+def _describe(hf: Any, tok_dir: Path, engine: str) -> Vocabulary:
+    tok_json = (tok_dir / "tokenizer.json").read_text(encoding="utf-8")
+    fast = fast_spec(tok_json, engine)
+    return Vocabulary(tok_dir, tok_json, int(hf.eos_token_id), int(hf.pad_token_id), len(hf), fast)
+
+
+def _train_vocabulary(cfg: DataConfig, bins: list[list[dict[str, Any]]], tok_dir: Path) -> Any:
+    """Train on the ``sample_docs`` documents of smallest hash.
 
     The smallest hashes are a uniform, deterministic sample that no source order can change; each
     block sends only its own k smallest to the driver, which keeps a running k: bounded memory.
     """
-    tok_dir = out / "tokenizer"
-    if tok_dir.exists():
-        shutil.rmtree(tok_dir)
-    if cfg.tokenizer.path:
-        return load_tokenizer(cfg.tokenizer.path, cfg.tokenizer, tok_dir)
     k = cfg.tokenizer.sample_docs
-    sample = _read_clean(cfg, items).map_batches(
-        _smallest_hashes, batch_format="pandas", batch_size=None, fn_kwargs={"k": k}
+    sample = _read_clean(cfg, bins).map_batches(
+        _smallest_hashes, batch_format="pyarrow", batch_size=None, fn_kwargs={"k": k}
     )
     best: list[tuple[str, str]] = []
-    for b in sample.iter_batches(batch_format="pandas", batch_size=None):
-        best = heapq.nsmallest(k, [*best, *zip(b["hash"], b["text"], strict=True)])
+    for b in sample.iter_batches(batch_format="pyarrow", batch_size=None):
+        pairs = zip(b.column("hash").to_pylist(), b.column("text").to_pylist(), strict=True)
+        best = heapq.nsmallest(k, [*best, *pairs])
     if not best:
         raise DataError("no document survived reading and cleaning; nothing to build a vocabulary from")
     return train_tokenizer((text for _, text in best), cfg.tokenizer, tok_dir)
 
 
-def prep(cfg: RunConfig) -> dict[str, Any]:
-    """Run the prep stage; writes shards, ``manifest.json`` and ``summary.json`` into ``<run_dir>/prep``."""
+def _token_stream(dcfg: DataConfig, bins: list[list[dict[str, Any]]], vocab: Vocabulary) -> Any:
+    """read -> clean -> tokenize in one task per bin of files, then a sort by content hash: it makes
+    exact duplicates adjacent (the driver drops them), gives a shuffled deterministic document
+    order, and makes the output independent of source order and sharding."""
+    fn_kwargs = {
+        "tok_json": vocab.json,
+        "fast": vocab.fast,
+        "eos_id": vocab.eos_id,
+        "chunk": dcfg.tokenize_batch,
+        "minhash_perm": 128 if dcfg.clean.dedup == "minhash" else 0,
+    }
+    return (
+        _read_clean(dcfg, bins)
+        .map_batches(tokenize_batch, batch_format="pyarrow", batch_size=None, fn_kwargs=fn_kwargs)
+        .sort(["hash", "copies"], descending=[False, True])
+    )
+
+
+@contextlib.contextmanager
+def _prep_data_context(n_bins: int) -> Iterator[None]:
+    """Ordered output, and for up to SMALL_SORT_BINS bins the pull-based sort; the caller's
+    Ray Data context (a demo goes on to train in this process) is restored afterwards."""
     import ray.data
 
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.execution_options.preserve_order, ctx.shuffle_strategy
+    ctx.execution_options.preserve_order = True
+    if n_bins <= SMALL_SORT_BINS:
+        ctx.shuffle_strategy = ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    try:
+        yield
+    finally:
+        ctx.execution_options.preserve_order, ctx.shuffle_strategy = saved
+
+
+def prep(cfg: RunConfig) -> dict[str, Any]:
+    """Run the prep stage; writes shards, ``manifest.json`` and ``summary.json`` into ``<run_dir>/prep``."""
     t0 = time.time()
     dcfg = cfg.data
     out = save_stage_config(cfg, "prep")
-    for stale in (*SPLITS, MANIFEST, "summary.json"):
+    for stale in (*SPLITS, MANIFEST, "summary.json", "tokenizer"):
         p = out / stale
         if p.is_dir():
             shutil.rmtree(p)
         elif p.exists():
             p.unlink()
     items = file_items(dcfg)  # listed once, before Ray starts: missing paths fail fast
-    with ray_session(cfg.cluster):
-        ctx = ray.data.DataContext.get_current()
-        ctx.execution_options.preserve_order = True
-        tok_dir = _vocabulary(dcfg, items, out)
-        phases = {"vocabulary": time.time() - t0}
-        from transformers import AutoTokenizer
-
-        hf_tok = AutoTokenizer.from_pretrained(tok_dir)
-        eos_id = int(hf_tok.eos_token_id)
-        tok_json = (tok_dir / "tokenizer.json").read_text(encoding="utf-8")
-        perm = 128 if dcfg.clean.dedup == "minhash" else 0
-        # Sorting by content hash makes exact duplicates adjacent (the driver drops them), gives a
-        # shuffled deterministic document order, and makes the output independent of source order.
-        # Text sorts several times faster than token-id lists, so tokenization comes after it.
-        docs = _read_clean(dcfg, items).sort(["hash", "copies"], descending=[False, True])
-        tokens = docs.map_batches(
-            tokenize_batch,
-            batch_format="pyarrow",
-            batch_size=dcfg.tokenize_batch,
-            fn_kwargs={"tok_json": tok_json, "eos_id": eos_id, "minhash_perm": perm},
-        )
-        stats = _pack_stream(tokens, dcfg, out, eos_id)
-    seconds = time.time() - t0
-    phases["read_clean_sort_tokenize_pack"] = seconds - sum(phases.values())
+    tok_dir = out / "tokenizer"
+    engine = dcfg.tokenizer.engine
+    if dcfg.tokenizer.path and not os.path.isdir(dcfg.tokenizer.path):
+        raise DataError(f"data.tokenizer.path: {dcfg.tokenizer.path} is not a tokenizer folder")
+    phases: dict[str, float] = {}
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        # A given tokenizer folder loads while Ray starts: importing transformers alone takes ~0.6 s.
+        loading = None
+        if dcfg.tokenizer.path:
+            path = dcfg.tokenizer.path
+            loading = pool.submit(
+                lambda: _describe(load_tokenizer(path, dcfg.tokenizer, tok_dir), tok_dir, engine)
+            )
+        with ray_session(cfg.cluster):
+            phases["start_ray"] = time.time() - t0
+            bins = _bins(items)
+            with _prep_data_context(len(bins)):
+                if loading is not None:
+                    vocab = loading.result()
+                else:
+                    vocab = _describe(_train_vocabulary(dcfg, bins, tok_dir), tok_dir, engine)
+                phases["vocabulary"] = time.time() - t0 - phases["start_ray"]
+                stats = _pack_stream(_token_stream(dcfg, bins, vocab), dcfg, out, vocab.eos_id)
+                seconds = time.time() - t0  # shards written; stopping a Ray this stage started is not work
+    phases["read_clean_tokenize_sort_pack"] = seconds - sum(phases.values())
     manifest = {
         "files": len(items),
         **stats,
-        "vocab_size": len(hf_tok),
-        "eos_id": eos_id,
-        "pad_id": int(hf_tok.pad_token_id),
+        "vocab_size": vocab.size,
+        "eos_id": vocab.eos_id,
+        "pad_id": vocab.pad_id,
         "seq_len": dcfg.seq_len,
         "block_len": dcfg.seq_len + 1,
         "tokenizer": "tokenizer",
         "tokenizer_hash": tokenizer_hash(tok_dir),
+        "tokenizer_engine": "tokenizers" if vocab.fast is None else "tiktoken",
         "seconds": round(seconds, 2),
         "phase_seconds": {k: round(v, 2) for k, v in phases.items()},
         "tokens_per_second": round(stats["tokens"] / max(seconds, 1e-9), 1),

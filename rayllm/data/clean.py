@@ -8,19 +8,18 @@ from __future__ import annotations
 
 import hashlib
 import re
-import unicodedata
 from functools import lru_cache
 from typing import Any
 
 import numpy as np
-import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from rayllm.config import CleanConfig
 
-# Control characters except tab and newline; \r is folded into \n first.
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b\ufeff]")
-_TRAILING = re.compile(r"[ \t]+\n")
-_BLANK_RUNS = re.compile(r"\n{3,}")
+# Control characters except tab and newline (RE2 syntax: cleaning runs in Arrow's C++ kernels);
+# \r is folded into \n first.
+_CONTROL = r"[\x00-\x08\x0b-\x1f\x7f-\x9f\x{200b}\x{feff}]"
 _WORD = re.compile(r"\w+|\W+")
 # Signatures travel from Ray tasks to the driver as raw values; both sides must use one scheme.
 MINHASH_SCHEME = "affine32"
@@ -33,20 +32,31 @@ def _stopwords(language: str) -> frozenset[str]:
     return frozenset(get_stop_words(language))
 
 
-def clean_text(text: str, cfg: CleanConfig) -> str:
+def clean_texts(texts: pa.Array, cfg: CleanConfig) -> pa.Array:
+    """Clean a column of documents with Arrow's vectorized string kernels (no per-document Python)."""
     if cfg.normalize != "none":
-        text = unicodedata.normalize(cfg.normalize, text)
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
+        texts = pc.utf8_normalize(texts, form=cfg.normalize)
+    texts = pc.replace_substring(pc.replace_substring(texts, "\r\n", "\n"), "\r", "\n")
     if cfg.strip_control:
-        text = _CONTROL.sub("", text)
+        texts = pc.replace_substring_regex(texts, _CONTROL, "")
     if cfg.collapse_whitespace:
         # Trailing spaces and runs of blank lines only: indentation is meaning in code.
-        text = _BLANK_RUNS.sub("\n\n", _TRAILING.sub("\n", text)).strip()
+        texts = pc.replace_substring_regex(texts, r"[ \t]+\n", "\n")
+        texts = pc.utf8_trim_whitespace(pc.replace_substring_regex(texts, r"\n{3,}", "\n\n"))
     if cfg.stopwords:
         stop = _stopwords(cfg.stopword_language)
-        text = "".join(t for t in _WORD.findall(text) if t.lower() not in stop)
-        text = re.sub(r"[ \t]{2,}", " ", text).strip()
-    return text
+        texts = pa.array([_drop_stopwords(t, stop) for t in texts.to_pylist()], type=pa.string())
+    return texts
+
+
+def _drop_stopwords(text: str, stop: frozenset[str]) -> str:
+    text = "".join(t for t in _WORD.findall(text) if t.lower() not in stop)
+    return re.sub(r"[ \t]{2,}", " ", text).strip()
+
+
+def clean_text(text: str, cfg: CleanConfig) -> str:
+    """One document through ``clean_texts``."""
+    return clean_texts(pa.array([text], type=pa.string()), cfg)[0].as_py()
 
 
 def doc_hash(text: str) -> str:
@@ -58,36 +68,41 @@ def hash_fraction(h: str, salt: int = 0) -> float:
     return int(h[8 * salt : 8 * salt + 8], 16) / 2**32
 
 
-def clean_batch(batch: pd.DataFrame, cfg: CleanConfig, val_fraction: float) -> pd.DataFrame:
-    texts, reasons, hashes, splits, copies = [], [], [], [], []
+def clean_batch(batch: pa.Table, cfg: CleanConfig, val_fraction: float) -> pa.Table:
+    """Read rows (text, doc, reason, note, weight) -> cleaned rows with hash, split and copies."""
+    texts = clean_texts(batch.column("text").combine_chunks().cast(pa.string()), cfg)
+    lengths = pc.utf8_length(texts).to_numpy(zero_copy_only=False)
+    reasons = np.array(batch.column("reason").to_pylist(), dtype=object)
+    fresh = reasons == ""
+    too_long = lengths > (cfg.max_chars if cfg.max_chars is not None else np.iinfo(np.int64).max)
+    # First matching rule wins, as in the docs: empty, then too short, then too long.
+    reasons[fresh & too_long] = "too_long"
+    reasons[fresh & (lengths < cfg.min_chars)] = "too_short"
+    reasons[fresh & (lengths == 0)] = "empty_after_clean"
+    out_texts, hashes, splits, copies = [], [], [], []
     for text, reason, doc, weight in zip(
-        batch["text"], batch["reason"], batch["doc"], batch["weight"], strict=True
+        texts.to_pylist(),
+        reasons,
+        batch.column("doc").to_pylist(),
+        batch.column("weight").to_pylist(),
+        strict=True,
     ):
-        if not reason:
-            text = clean_text(text, cfg)
-            if not text:
-                reason = "empty_after_clean"
-            elif len(text) < cfg.min_chars:
-                reason = "too_short"
-            elif cfg.max_chars is not None and len(text) > cfg.max_chars:
-                reason = "too_long"
         # Drops keep a unique key so they never look like duplicates of each other.
         h = "~" + doc_hash(doc) if reason else doc_hash(text)
-        texts.append("" if reason else text)
-        reasons.append(reason)
+        out_texts.append("" if reason else text)
         hashes.append(h)
         splits.append("val" if not reason and hash_fraction(h) < val_fraction else "train")
         # Weights are repeat factors, applied after dedup: 2.5 -> 2 copies plus a third for half.
         whole = int(weight)
         copies.append(0 if reason else whole + (1 if hash_fraction(h, 1) < weight - whole else 0))
-    return pd.DataFrame(
+    return pa.table(
         {
-            "text": texts,
-            "reason": reasons,
-            "hash": hashes,
-            "split": splits,
-            "copies": np.asarray(copies, dtype=np.int32),
-            "note": batch["note"].to_numpy(),
+            "text": pa.array(out_texts, type=pa.string()),
+            "reason": pa.array(reasons.tolist(), type=pa.string()),
+            "hash": pa.array(hashes, type=pa.string()),
+            "split": pa.array(splits, type=pa.string()),
+            "copies": pa.array(copies, type=pa.int32()),
+            "note": batch.column("note"),
         }
     )
 

@@ -33,6 +33,17 @@ FORMATS = {
     ".pq": "parquet",
 }
 _BLANK = re.compile(rb"^[ \t\r\f\v]*$")
+# What ``read_file`` yields per document (and per counted bad-input row).
+ROW_SCHEMA = pa.schema(
+    [
+        ("text", pa.string()),
+        ("doc", pa.string()),
+        ("reason", pa.string()),
+        ("note", pa.string()),
+        ("source", pa.int64()),
+        ("weight", pa.float64()),
+    ]
+)
 
 
 def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:

@@ -8,9 +8,11 @@ covers every byte, so Chinese and code never hit an unknown token.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -18,9 +20,11 @@ from rayllm.config import TokenizerConfig
 from rayllm.errors import DataError
 
 _CACHE: dict[str, Tokenizer] = {}
+# The regex of the tokenizers library's ByteLevel pre-tokenizer (use_regex=True), i.e. GPT-2's.
+BYTE_LEVEL_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 
 
-def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, out_dir: Path) -> Path:
+def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, out_dir: Path) -> Any:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -35,14 +39,27 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, out_dir: Path) -
     return _save(tok, cfg.eos_token, cfg.pad_token, out_dir)
 
 
-def load_tokenizer(path: str, cfg: TokenizerConfig, out_dir: Path) -> Path:
-    """Copy a local HF tokenizer folder into the run dir, keeping its own special tokens."""
-    from transformers import AutoTokenizer
+def hf_tokenizer(path: str | Path) -> Any:
+    """A Hugging Face tokenizer folder, loaded by the class its tokenizer_config.json names when
+    transformers exports it, else by AutoTokenizer: importing AutoTokenizer pulls in torch, which
+    costs prep more than a second of CPU that Ray's start-up needs."""
+    import transformers
 
+    config = Path(path) / "tokenizer_config.json"
+    name = json.loads(config.read_text(encoding="utf-8")).get("tokenizer_class") if config.is_file() else None
+    cls = getattr(transformers, name, None) if isinstance(name, str) and name.isidentifier() else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedTokenizerBase)):
+        from transformers import AutoTokenizer as cls
+    return cls.from_pretrained(path)
+
+
+def load_tokenizer(path: str, cfg: TokenizerConfig, out_dir: Path) -> Any:
+    """Copy a local HF tokenizer folder into the run dir, keeping its own special tokens; returns
+    the loaded tokenizer (as ``train_tokenizer`` does)."""
     if not os.path.isdir(path):
         raise DataError(f"data.tokenizer.path: {path} is not a tokenizer folder")
     try:
-        hf = AutoTokenizer.from_pretrained(path)
+        hf = hf_tokenizer(path)
     except (OSError, ValueError) as e:
         raise DataError(f"data.tokenizer.path: cannot load a tokenizer from {path}: {e}") from None
     if not hf.is_fast:
@@ -53,15 +70,15 @@ def load_tokenizer(path: str, cfg: TokenizerConfig, out_dir: Path) -> Path:
         # Adding a token would change the vocabulary size; padding is masked out anyway.
         hf.pad_token = hf.eos_token
     hf.save_pretrained(out_dir)
-    return out_dir
+    return hf
 
 
-def _save(tok: Tokenizer, eos: str, pad: str, out_dir: Path) -> Path:
+def _save(tok: Tokenizer, eos: str, pad: str, out_dir: Path) -> Any:
     from transformers import PreTrainedTokenizerFast
 
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, bos_token=eos, pad_token=pad)
     hf.save_pretrained(out_dir)
-    return out_dir
+    return hf
 
 
 def tokenizer_hash(folder: Path) -> str:
@@ -74,3 +91,108 @@ def get_tokenizer(tok_json: str) -> Tokenizer:
     if key not in _CACHE:
         _CACHE[key] = Tokenizer.from_str(tok_json)
     return _CACHE[key]
+
+
+FastSpec = tuple[dict[bytes, int], dict[str, int]]
+
+
+def tiktoken_spec(spec: dict[str, Any]) -> FastSpec | str:
+    """Byte ranks and special tokens for tiktoken when ``spec`` (a parsed tokenizer.json) is a plain
+    byte-level BPE that tiktoken encodes identically; otherwise the reason it is not.
+
+    tiktoken merges the adjacent pair whose concatenation has the lowest rank, the tokenizers
+    library the pair that comes first in ``merges``. With ranks = ids the two agree when every merge
+    makes a new token whose id grows with the merge's position, as BPE training produces (GPT-2 too).
+    """
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
+    if model.get("type") != "BPE":
+        return f"model is {model.get('type')}, not BPE"
+    if model.get("dropout") or model.get("byte_fallback"):
+        return "BPE dropout or byte fallback is on"
+    if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+        return "BPE uses a subword prefix or suffix"
+    if spec.get("normalizer"):
+        return "the tokenizer has a normalizer"
+    if pre.get("type") != "ByteLevel" or not pre.get("use_regex", True) or pre.get("add_prefix_space"):
+        return "the pre-tokenizer is not ByteLevel(add_prefix_space=False, use_regex=True)"
+    added = spec.get("added_tokens") or []
+    if any(a.get("lstrip") or a.get("rstrip") or a.get("single_word") for a in added):
+        return "an added token strips whitespace or matches single words only"
+    special = {a["content"]: int(a["id"]) for a in added}
+    to_byte = {c: b for b, c in bytes_to_unicode().items()}
+    ranks: dict[bytes, int] = {}
+    for token, i in model.get("vocab", {}).items():
+        if token in special:
+            continue
+        try:
+            ranks[bytes(to_byte[c] for c in token)] = int(i)
+        except KeyError:
+            return f"vocabulary entry {token!r} is not byte-level"
+    if any(bytes([b]) not in ranks for b in range(256)):
+        return "the vocabulary lacks some of the 256 byte tokens"
+    merges = model.get("merges", [])
+    last = -1
+    for m in merges:
+        left, right = m if isinstance(m, list) else m.split(" ", 1)
+        rank = ranks.get(bytes(to_byte[c] for c in left + right))
+        if rank is None or rank <= last:
+            return "merge results are not new tokens in merge order"
+        last = rank
+    if len(merges) != len(ranks) - 256:
+        return "some vocabulary tokens are not the result of a merge"
+    return ranks, special
+
+
+def fast_spec(tok_json: str, engine: str) -> FastSpec | None:
+    """What ``data.tokenizer.engine`` resolves to for this tokenizer: tiktoken tables, or None."""
+    if engine == "tokenizers":
+        return None
+    spec = tiktoken_spec(json.loads(tok_json))
+    if isinstance(spec, str):
+        if engine == "tiktoken":
+            raise DataError(f"data.tokenizer.engine=tiktoken cannot encode this tokenizer: {spec}")
+        return None
+    return spec
+
+
+class Encoder:
+    """Batch encoding with tiktoken where it is exact for this tokenizer (several times faster on
+    byte-level BPE), else with the tokenizers library; ids are those of the tokenizers library."""
+
+    def __init__(self, tok_json: str, fast: FastSpec | None) -> None:
+        self.tok_json = tok_json
+        self.max_id = max(get_tokenizer(tok_json).get_vocab(with_added_tokens=True).values())
+        self.engine = "tokenizers"
+        self._tiktoken: Any = None
+        if fast is not None:
+            import tiktoken
+
+            ranks, special = fast
+            self._tiktoken = tiktoken.Encoding(
+                "rayllm", pat_str=BYTE_LEVEL_PATTERN, mergeable_ranks=ranks, special_tokens=special
+            )
+            self._specials = tuple(special)
+            self.engine = "tiktoken"
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        if self._tiktoken is None:
+            return self.reference(texts)
+        # Added tokens inside text are split out as the tokenizers library does (allowed_special);
+        # encode_ordinary, ~1.8x faster, serves the (usual) texts that contain none.
+        enc = self._tiktoken
+        joined = "\0".join(texts)
+        if not any(s in joined for s in self._specials):
+            return [enc.encode_ordinary(t) for t in texts]
+        return [
+            enc.encode(t, allowed_special="all")
+            if any(s in t for s in self._specials)
+            else enc.encode_ordinary(t)
+            for t in texts
+        ]
+
+    def reference(self, texts: list[str]) -> list[list[int]]:
+        """The tokenizers library's ids: the definition the fast engine is checked against."""
+        tok = get_tokenizer(self.tok_json)
+        return [e.ids for e in tok.encode_batch_fast(texts, add_special_tokens=False)]
