@@ -48,6 +48,14 @@ def worker_env(cfg: ClusterConfig | None = None, use_gpu: bool = False) -> dict[
     return env
 
 
+def apply_env(cfg: ClusterConfig, use_gpu: bool = False) -> None:
+    """This process's environment for a stage (a Ray it starts passes it on to its workers):
+    rayllm's defaults unless the caller set them, and cluster.env_vars over everything."""
+    for k, v in worker_env(None, use_gpu).items():
+        os.environ.setdefault(k, v)
+    os.environ.update(cfg.env_vars)
+
+
 def init_ray(cfg: ClusterConfig, use_gpu: bool = False) -> bool:
     """Connect to ``cfg.address`` / ``$RAY_ADDRESS``, else start a local Ray sized to this machine.
 
@@ -55,9 +63,7 @@ def init_ray(cfg: ClusterConfig, use_gpu: bool = False) -> bool:
     """
     import ray
 
-    for k, v in worker_env(None, use_gpu).items():
-        os.environ.setdefault(k, v)
-    os.environ.update(cfg.env_vars)  # explicit config wins over the caller's environment
+    apply_env(cfg, use_gpu)
     if ray.is_initialized():
         return False
     if not cfg.verbose:

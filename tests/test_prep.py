@@ -168,6 +168,9 @@ def test_file_bins_balance_bytes_and_keep_every_file():
     assert loads == [400, 405, 700]  # the big file alone, the rest split evenly
     assert file_bins(list(reversed(items)), 3) == bins  # listing order does not matter
     assert len(file_bins(items[:2], 8)) == 2
+    # Empty files (or remote ones of unknown size) spread like the rest: no bin is left empty.
+    empties = [{"path": "a", "bytes": 9}, {"path": "e1", "bytes": 0}, {"path": "e2", "bytes": 0}]
+    assert sorted(len(b) for b in file_bins(empties, 4)) == [1, 1, 1]
 
 
 # ------------------------------------------------------------------------------ tokenizer engines
@@ -229,6 +232,60 @@ def test_tiktoken_engine_refuses_tokenizers_it_cannot_match(tmp_path: Path):
         DataError, match=re.escape("data.tokenizer.engine=tiktoken cannot encode this tokenizer: ")
     ):
         fast_spec(json.dumps(normalized), "tiktoken")
+
+
+def _byte_level_bpe(merges: list[list[str]], added: list[dict], **top: object) -> str:
+    """A hand-made byte-level BPE tokenizer.json: 256 byte tokens, then one token per merge."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {c: b for b, c in bytes_to_unicode().items()}
+    for left, right in merges:
+        vocab[left + right] = len(vocab)
+    for a in added:
+        vocab.setdefault(a["content"], a["id"])
+    flags = {"single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    model = {"type": "BPE", "dropout": None, "unk_token": None, "fuse_unk": False, "byte_fallback": False}
+    spec = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [{**flags, **a} for a in added],
+        "normalizer": None,
+        "pre_tokenizer": byte_level,
+        "post_processor": None,
+        "decoder": byte_level,
+        "model": {**model, "ignore_merges": False, "vocab": vocab, "merges": merges},
+    }
+    return json.dumps({**spec, **top})
+
+
+def test_tiktoken_engine_refuses_unlisted_merges_and_prefix_added_tokens(tmp_path: Path):
+    """Cases a structural check passes but where tiktoken would differ: caught before any task runs."""
+    eos = {"id": 259, "content": "<|endoftext|>"}
+    # "abc" is a token, but only via "ab" + "c": tiktoken would also merge "a" + "bc".
+    unlisted = _byte_level_bpe([["b", "c"], ["a", "b"], ["ab", "c"]], [eos])
+    assert fast_spec(unlisted, "auto") is None
+    with pytest.raises(DataError, match="encode the vocabulary entry 'abc' differently"):
+        fast_spec(unlisted, "tiktoken")
+    # Added tokens where one is a prefix of another (runs of spaces, as code models ship): the
+    # tokenizers library takes the longest, tiktoken's alternation whichever it tries first.
+    spaces = [{"id": 254 + n, "content": " " * n, "special": False} for n in (2, 3, 4)]
+    assert tiktoken_spec(json.loads(_byte_level_bpe([], [*spaces, {**eos, "id": 259}]))) == (
+        "an added token is empty or a prefix of another"
+    )
+    # A saved truncation/padding setting must not cut or pad documents in either engine.
+    eos["id"] = 257
+    kept = _byte_level_bpe(
+        [["a", "b"]],
+        [eos],
+        truncation={"direction": "Right", "max_length": 3, "strategy": "LongestFirst", "stride": 0},
+        padding={"strategy": "BatchLongest", "direction": "Right", "pad_to_multiple_of": None,
+                 "pad_id": 257, "pad_type_id": 0, "pad_token": "<|endoftext|>"},
+    )  # fmt: skip
+    encoder = Encoder(kept, fast_spec(kept, "tiktoken"))
+    texts = ["ab ab ab ab", "a"]
+    assert encoder.reference(texts) == encoder.encode_batch(texts) == [[256, 32, 256, 32, 256, 32, 256], [97]]
 
 
 def test_fast_engine_disagreement_stops_prep(tmp_path: Path):

@@ -38,7 +38,7 @@ from rayllm.data.tokenizer import (
     train_tokenizer,
 )
 from rayllm.errors import DataError
-from rayllm.runtime import MetricsWriter, ray_session, save_stage_config, write_summary
+from rayllm.runtime import MetricsWriter, apply_env, ray_session, save_stage_config, write_summary
 
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
@@ -134,11 +134,11 @@ def file_bins(items: list[dict[str, Any]], n: int) -> list[list[dict[str, Any]]]
     """Split the files into ``n`` bins of about equal bytes (largest first into the lightest bin):
     a bin is one task, so a corpus of one big file and many small ones still keeps every CPU busy."""
     bins: list[list[dict[str, Any]]] = [[] for _ in range(min(n, len(items)))]
-    heap = [(0, k) for k in range(len(bins))]
+    heap = [(0, 0, k) for k in range(len(bins))]  # (bytes, files, bin): empty files spread too
     for item in sorted(items, key=lambda it: (-it["bytes"], it["path"])):
-        size, k = heapq.heappop(heap)
+        size, count, k = heapq.heappop(heap)
         bins[k].append(item)
-        heapq.heappush(heap, (size + item["bytes"], k))
+        heapq.heappush(heap, (size + item["bytes"], count + 1, k))
     return bins
 
 
@@ -254,6 +254,7 @@ def prep(cfg: RunConfig) -> dict[str, Any]:
     if dcfg.tokenizer.path and not os.path.isdir(dcfg.tokenizer.path):
         raise DataError(f"data.tokenizer.path: {dcfg.tokenizer.path} is not a tokenizer folder")
     phases: dict[str, float] = {}
+    apply_env(cfg.cluster)  # before the loading thread imports transformers, which reads it
     with ThreadPoolExecutor(max_workers=1) as pool:
         # A given tokenizer folder loads while Ray starts: importing transformers alone takes ~0.6 s.
         loading = None

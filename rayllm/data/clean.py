@@ -45,7 +45,7 @@ def clean_texts(texts: pa.Array, cfg: CleanConfig) -> pa.Array:
         texts = pc.utf8_trim_whitespace(pc.replace_substring_regex(texts, r"\n{3,}", "\n\n"))
     if cfg.stopwords:
         stop = _stopwords(cfg.stopword_language)
-        texts = pa.array([_drop_stopwords(t, stop) for t in texts.to_pylist()], type=pa.string())
+        texts = pa.array([_drop_stopwords(t, stop) for t in texts.to_pylist()], type=texts.type)
     return texts
 
 
@@ -70,7 +70,7 @@ def hash_fraction(h: str, salt: int = 0) -> float:
 
 def clean_batch(batch: pa.Table, cfg: CleanConfig, val_fraction: float) -> pa.Table:
     """Read rows (text, doc, reason, note, weight) -> cleaned rows with hash, split and copies."""
-    texts = clean_texts(batch.column("text").combine_chunks().cast(pa.string()), cfg)
+    texts = clean_texts(batch.column("text").combine_chunks().cast(pa.large_string()), cfg)
     lengths = pc.utf8_length(texts).to_numpy(zero_copy_only=False)
     reasons = np.array(batch.column("reason").to_pylist(), dtype=object)
     fresh = reasons == ""
@@ -97,7 +97,7 @@ def clean_batch(batch: pa.Table, cfg: CleanConfig, val_fraction: float) -> pa.Ta
         copies.append(0 if reason else whole + (1 if hash_fraction(h, 1) < weight - whole else 0))
     return pa.table(
         {
-            "text": pa.array(out_texts, type=pa.string()),
+            "text": pa.array(out_texts, type=pa.large_string()),
             "reason": pa.array(reasons.tolist(), type=pa.string()),
             "hash": pa.array(hashes, type=pa.string()),
             "split": pa.array(splits, type=pa.string()),

@@ -36,7 +36,7 @@ _BLANK = re.compile(rb"^[ \t\r\f\v]*$")
 # What ``read_file`` yields per document (and per counted bad-input row).
 ROW_SCHEMA = pa.schema(
     [
-        ("text", pa.string()),
+        ("text", pa.large_string()),  # one file's documents may hold more than 2 GiB of text
         ("doc", pa.string()),
         ("reason", pa.string()),
         ("note", pa.string()),
