@@ -58,8 +58,8 @@ def tokenize_batch(
 ) -> pa.Table:
     """Encode kept documents with EOS appended (text is dropped: the driver needs only ids).
 
-    ``chunk`` documents at a time: ids turn into int32 arrays before the next chunk, so a task's
-    memory stays near its input size, not that of Python lists of ints.
+    ``chunk`` documents at a time: ids turn into uint16/int32 arrays before the next chunk, so a
+    task's memory stays near its input size, not that of Python lists of ints.
     """
     reasons = batch.column("reason").to_pylist()
     texts = batch.column("text").to_pylist()
@@ -145,7 +145,7 @@ def file_bins(items: list[dict[str, Any]], n: int) -> list[list[dict[str, Any]]]
 def _bins(items: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     """Few, large tasks: on small clusters per-task overhead, not bytes, dominates. Two bins per CPU
     so that a slow one does not hold the stage, and ~BIN_BYTES of input per bin beyond that, which
-    bounds a task's memory whatever the corpus size."""
+    bounds a task's memory whatever the number of files (a single file is still read whole)."""
     import ray
 
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
