@@ -10,6 +10,7 @@ sample of documents during the run), else with the tokenizers library.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from collections.abc import Iterable
@@ -107,8 +108,10 @@ def tiktoken_spec(spec: dict[str, Any]) -> FastSpec | str:
     byte-level BPE that tiktoken encodes identically; otherwise the reason it is not.
 
     tiktoken merges the adjacent pair whose concatenation has the lowest rank, the tokenizers
-    library the pair that comes first in ``merges``. With ranks = ids the two agree when every merge
-    makes a new token whose id grows with the merge's position, as BPE training produces (GPT-2 too).
+    library the pair that comes first in ``merges``. With ranks = ids the two agree on vocabularies
+    as BPE training makes them (GPT-2's too): every merge a new token, ids growing with merge order.
+    A pruned or edited merge list can pass these checks, so ``fast_spec`` also compares both engines
+    on every vocabulary entry.
     """
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
@@ -126,10 +129,11 @@ def tiktoken_spec(spec: dict[str, Any]) -> FastSpec | str:
     added = spec.get("added_tokens") or []
     if any(a.get("lstrip") or a.get("rstrip") or a.get("single_word") for a in added):
         return "an added token strips whitespace or matches single words only"
-    contents = [a["content"] for a in added]
+    contents = sorted(a["content"] for a in added)
     # The tokenizers library takes the longest added token at a position (non-normalized ones
-    # first); tiktoken's alternation takes whichever it tries first. Equal only without prefixes.
-    if "" in contents or any(a != b and b.startswith(a) for a in contents for b in contents):
+    # first); tiktoken's alternation takes whichever it tries first. Equal only without prefixes
+    # (sorted, a prefix of any string is a prefix of its successor).
+    if "" in contents or any(b.startswith(a) for a, b in itertools.pairwise(contents)):
         return "an added token is empty or a prefix of another"
     if len({bool(a.get("normalized")) for a in added}) > 1:
         return "added tokens mix normalized and non-normalized matching"
