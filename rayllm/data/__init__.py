@@ -392,6 +392,16 @@ def _near_duplicate(lsh: Any, key: str, sig: bytes) -> str:
     return ""
 
 
+def read_blocks(split_dir: str | Path) -> Any:
+    """A split's packed blocks as a Ray Data dataset, rows in file order whatever the driver's
+    context says: train's exact resume and eval's ``max_batches`` both mean "the first rows"."""
+    import ray.data
+
+    ds = ray.data.read_parquet(str(split_dir), file_extensions=["parquet"])
+    ds.context.execution_options.preserve_order = True
+    return ds
+
+
 def load_manifest(data_dir: str | Path) -> dict[str, Any]:
     p = Path(data_dir) / MANIFEST
     if not p.is_file():

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -58,9 +57,8 @@ def hf_tokenizer(path: str | Path) -> Any:
 
 def load_tokenizer(path: str, cfg: TokenizerConfig, out_dir: Path) -> Any:
     """Copy a local HF tokenizer folder into the run dir, keeping its own special tokens; returns
-    the loaded tokenizer (as ``train_tokenizer`` does)."""
-    if not os.path.isdir(path):
-        raise DataError(f"data.tokenizer.path: {path} is not a tokenizer folder")
+    the loaded tokenizer (as ``train_tokenizer`` does). ``prep`` checks the folder exists before
+    Ray starts; anything else unloadable is reported here."""
     try:
         hf = hf_tokenizer(path)
     except (OSError, ValueError) as e:

@@ -54,6 +54,7 @@ def evaluate(cfg: RunConfig) -> dict[str, Any]:
     """Score the val split; writes ``eval/summary.json`` with ``loss`` and ``perplexity``."""
     import ray.data
 
+    from rayllm.data import read_blocks
     from rayllm.train import data_dir_of
 
     model_dir = exported_model_dir(cfg.eval.model_dir, "eval.model_dir", cfg.run_dir)
@@ -63,9 +64,7 @@ def evaluate(cfg: RunConfig) -> dict[str, Any]:
     out = save_stage_config(cfg, "eval")
     t0 = time.time()
     with ray_session(cfg.cluster):
-        ds = ray.data.read_parquet(str(val_dir), file_extensions=["parquet"])
-        # eval.max_batches means the first rows of the split, not those of the fastest read tasks.
-        ds.context.execution_options.preserve_order = True
+        ds = read_blocks(val_dir)  # eval.max_batches: the split's first rows
         if cfg.eval.max_batches:
             ds = ds.limit(cfg.eval.max_batches * cfg.eval.batch_size)
         scored = ds.map_batches(

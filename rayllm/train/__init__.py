@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from rayllm.config import RunConfig
-from rayllm.data import load_manifest
+from rayllm.data import load_manifest, read_blocks
 from rayllm.errors import ConfigError
 from rayllm.runtime import ray_session, save_stage_config, stage_dir, write_summary
 
@@ -69,9 +69,7 @@ def build_trainer(
     resources.update(t.resources_per_worker)
     splits = {}
     for split in ("train", "val"):
-        ds = ray.data.read_parquet(str(data_dir / split), file_extensions=["parquet"])
-        # Rows in file order, also when materialized here (the driver's context may say otherwise).
-        ds.context.execution_options.preserve_order = True
+        ds = read_blocks(data_dir / split)  # file order, also when materialized here
         size_gb = manifest["blocks"][split] * manifest["block_len"] * 4 / 2**30
         splits[split] = ds.materialize() if size_gb < t.cache_data_gb else ds
     return TorchTrainer(
