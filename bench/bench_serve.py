@@ -287,8 +287,8 @@ def bench_naive(model_dir: str, args: argparse.Namespace) -> dict[str, Any]:
 def bench_ours(model_dir: str, run_dir: str, args: argparse.Namespace) -> dict[str, Any]:
     import ray
 
-    from rayllm import serve as rayllm_serve
     from rayllm.config import RunConfig
+    from rayllm.serve import stage as rayllm_serve
 
     cfg = RunConfig.model_validate(
         {

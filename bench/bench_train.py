@@ -52,7 +52,7 @@ def blocks(data_dir: Path, n: int) -> np.ndarray:
 
 def bare_loop(cfg, manifest: dict, data: np.ndarray, steps: int) -> float:
     """nanoGPT-style loop: the floor any framework adds overhead to."""
-    from rayllm.model import build_model, model_config
+    from rayllm.model.build import build_model, model_config
     from rayllm.train.parallel import build_optimizer
 
     torch.set_num_threads(THREADS)
@@ -79,7 +79,7 @@ def hf_trainer(cfg, manifest: dict, data: np.ndarray, steps: int, out: Path) -> 
     """A plain transformers Trainer on the same model and blocks (the usual starting point)."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from rayllm.model import build_model, model_config
+    from rayllm.model.build import build_model, model_config
 
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
@@ -122,15 +122,16 @@ def main() -> None:
     ap.add_argument("--skip-memory", action="store_true")
     args = ap.parse_args()
 
-    from rayllm.data import load_manifest, prep
-    from rayllm.train import fit
+    from rayllm.prep.stage import run as prep
+    from rayllm.rundir import RunDir
+    from rayllm.train.stage import run as fit
 
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     example = ROOT / "examples" / "configs" / "shakespeare-cpu.yaml"
     init_ray(ClusterConfig(num_cpus=THREADS, object_store_gb=1.0))
     cfg = load_config([example], base_config(work / "run", args.steps))
     prep(cfg)
-    manifest = load_manifest(work / "run" / "prep")
+    manifest = RunDir.of(cfg).data.manifest().model_dump()
     ours_cfg = load_config(
         [example],
         [

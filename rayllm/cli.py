@@ -1,7 +1,8 @@
 """`rayllm <stage>`: a thin typer/rich layer over the stage functions.
 
-Parsing and printing only; the work is in ``rayllm.data.prep``, ``rayllm.train.fit`` and friends, so
-the CLI, Python users and Ray job entrypoints run the same code. User errors print one line, exit 2.
+Parsing and printing only. The stage verbs come from the stage table (``rayllm.stages``), so the CLI,
+Python users and Ray job entrypoints run the same ``run(cfg)`` functions. User errors print one
+line and exit 2.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from rich.table import Table
 
 from rayllm.config import RunConfig, load_config
 from rayllm.errors import find_user_error
+from rayllm.stages import NAMES, STAGES, Stage
 
 app = typer.Typer(
     add_completion=False,
@@ -76,49 +78,19 @@ def _table(title: str, summary: dict[str, Any]) -> None:
     out.print(t)
 
 
-@app.command()
-def prep(config: ConfigOpt = None, set_: SetOpt = None, run_dir: RunDirOpt = None) -> None:
-    """Read, clean, dedup, build the vocabulary, tokenize and pack text into parquet blocks (Ray Data)."""
-    cfg = _load(config, set_, run_dir)
-    from rayllm.data import prep as run_prep
+def _add_stage_verb(stage: Stage) -> None:
+    """``rayllm <stage>``: load the config, run the stage's entry function, print its summary."""
 
-    _table("prep", _run(lambda: run_prep(cfg)))
+    def verb(config: ConfigOpt = None, set_: SetOpt = None, run_dir: RunDirOpt = None) -> None:
+        cfg = _load(config, set_, run_dir)
+        _table(stage.name, _run(lambda: stage.entry(cfg)))
 
-
-@app.command()
-def train(config: ConfigOpt = None, set_: SetOpt = None, run_dir: RunDirOpt = None) -> None:
-    """Train with Ray Train + DeepSpeed ZeRO; resumes from the run's last checkpoint."""
-    cfg = _load(config, set_, run_dir)
-    from rayllm.train import fit
-
-    _table("train", _run(lambda: fit(cfg)))
+    verb.__doc__ = f"{stage.help} ({stage.library})"
+    app.command(stage.name)(verb)
 
 
-@app.command()
-def tune(config: ConfigOpt = None, set_: SetOpt = None, run_dir: RunDirOpt = None) -> None:
-    """Search optimizer / learning-rate settings with Ray Tune and ASHA early stopping."""
-    cfg = _load(config, set_, run_dir)
-    from rayllm.tune import run as run_tune
-
-    _table("tune", _run(lambda: run_tune(cfg)))
-
-
-@app.command("eval")
-def eval_(config: ConfigOpt = None, set_: SetOpt = None, run_dir: RunDirOpt = None) -> None:
-    """Perplexity and token accuracy of the exported model on the validation split."""
-    cfg = _load(config, set_, run_dir)
-    from rayllm.eval import evaluate
-
-    _table("eval", _run(lambda: evaluate(cfg)))
-
-
-@app.command()
-def serve(config: ConfigOpt = None, set_: SetOpt = None, run_dir: RunDirOpt = None) -> None:
-    """Serve the exported model over an OpenAI-compatible HTTP API (Ray Serve) until Ctrl-C."""
-    cfg = _load(config, set_, run_dir)
-    from rayllm.serve import serve as run_serve
-
-    _table("serve", _run(lambda: run_serve(cfg)))
+for _stage in STAGES:
+    _add_stage_verb(_stage)
 
 
 @app.command()
@@ -135,7 +107,7 @@ def export(
 
 @app.command()
 def submit(
-    stage: Annotated[str, typer.Argument(help="prep | train | tune | eval | demo")],
+    stage: Annotated[str, typer.Argument(help=" | ".join([*NAMES, "demo"]))],
     config: ConfigOpt = None,
     set_: SetOpt = None,
     run_dir: RunDirOpt = None,

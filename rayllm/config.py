@@ -40,43 +40,57 @@ class Strict(BaseModel):
 class SourceConfig(Strict):
     """One input source: a file, directory, glob, ``pkg://package/sub/path`` or pyarrow URI."""
 
-    path: str
+    path: str = Field(
+        description="a file, directory, glob, pkg://package/sub/path or pyarrow URI (s3://, gs://, ...)"
+    )
     format: Literal["txt", "jsonl", "parquet"] | None = Field(
         None, description="inferred from the extension when omitted"
     )
     split_on: Literal["file", "paragraph", "line"] = Field(
         "paragraph", description="txt only: one document per file, blank-line paragraph or line"
     )
-    text_field: str = "text"
-    id_field: str | None = None
+    text_field: str = Field("text", description="jsonl key / parquet column holding the document text")
+    id_field: str | None = Field(None, description="jsonl key whose value names the document in messages")
     weight: PositiveFloat = Field(
         1.0, description="repeat factor: 2.0 includes each document twice, 0.5 keeps half"
     )
 
 
 class CleanConfig(Strict):
-    normalize: Literal["NFC", "NFKC", "NFD", "NFKD", "none"] = "NFC"
-    strip_control: bool = True
-    collapse_whitespace: bool = True
-    min_chars: NonNegInt = 1
-    max_chars: PositiveInt | None = None
-    dedup: Literal["none", "exact", "minhash"] = "exact"
-    minhash_threshold: Annotated[float, Field(gt=0, lt=1)] = 0.8
+    normalize: Literal["NFC", "NFKC", "NFD", "NFKD", "none"] = Field(
+        "NFC", description="Unicode normalization form applied to every document"
+    )
+    strip_control: bool = Field(
+        True, description="remove control characters (tab and newline stay) and zero-width spaces"
+    )
+    collapse_whitespace: bool = Field(
+        True, description="trim trailing spaces and runs of 3+ newlines; indentation is kept (code)"
+    )
+    min_chars: NonNegInt = Field(1, description="drop documents shorter than this after cleaning")
+    max_chars: PositiveInt | None = Field(None, description="drop documents longer than this")
+    dedup: Literal["none", "exact", "minhash"] = Field(
+        "exact", description="drop exact duplicates (content hash) or near duplicates (MinHash LSH)"
+    )
+    minhash_threshold: Annotated[float, Field(gt=0, lt=1)] = Field(
+        0.8, description="estimated Jaccard similarity of character 5-grams above which two are duplicates"
+    )
     stopwords: bool = Field(
         False,
         description="remove stop words; OFF by default because it destroys the text a language "
         "model must learn to produce. Only for classification-style corpora.",
     )
-    stopword_language: str = "english"
+    stopword_language: str = Field("english", description="stop-word list used when stopwords is on")
 
 
 class TokenizerConfig(Strict):
     path: str | None = Field(None, description="load this local tokenizer folder instead of training")
-    vocab_size: Annotated[int, Field(ge=260, le=1_000_000)] = 8192
-    min_frequency: PositiveInt = 2
+    vocab_size: Annotated[int, Field(ge=260, le=1_000_000)] = Field(
+        8192, description="size of the trained byte-level BPE vocabulary (special tokens included)"
+    )
+    min_frequency: PositiveInt = Field(2, description="a merge must occur this often to be learned")
     sample_docs: PositiveInt = Field(50_000, description="documents used to train the vocabulary")
-    eos_token: str = "<|endoftext|>"
-    pad_token: str = "<|pad|>"
+    eos_token: str = Field("<|endoftext|>", description="trained vocabulary: appended to every document")
+    pad_token: str = Field("<|pad|>", description="trained vocabulary: padding token (never trained on)")
     engine: Literal["auto", "tiktoken", "tokenizers"] = Field(
         "auto",
         description="prep's encoder: tiktoken (~4x faster, same ids) where exact for byte-level BPE, "
@@ -85,16 +99,22 @@ class TokenizerConfig(Strict):
 
 
 class DataConfig(Strict):
-    sources: list[SourceConfig] = Field(default_factory=list)
+    sources: list[SourceConfig] = Field(default_factory=list, description="the input; see data.sources[]")
     clean: CleanConfig = Field(default_factory=CleanConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
-    seq_len: Annotated[int, Field(ge=8, le=1_048_576)] = 256
-    val_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.02
+    seq_len: Annotated[int, Field(ge=8, le=1_048_576)] = Field(
+        256, description="tokens the model sees per sequence; packed blocks hold seq_len + 1"
+    )
+    val_fraction: Annotated[float, Field(ge=0, lt=1)] = Field(
+        0.02, description="share of documents (by content hash, so stable) held out for validation"
+    )
     shard_rows: PositiveInt = Field(4096, description="packed blocks per parquet shard")
     on_error: Literal["fail", "skip"] = Field(
         "fail", description="bad input: stop with file and line, or skip and count it"
     )
-    invalid_utf8: Literal["fail", "replace", "skip"] = "fail"
+    invalid_utf8: Literal["fail", "replace", "skip"] = Field(
+        "fail", description="a document with invalid UTF-8: stop, replace the bytes with U+FFFD, or skip it"
+    )
     tokenize_batch: PositiveInt = Field(2048, description="documents a prep task encodes at a time (memory)")
     keep_doc_boundaries: bool = Field(
         False, description="also write position_ids restarting after each EOS (document-masked attention)"
@@ -105,16 +125,22 @@ class DataConfig(Strict):
 # -------------------------------------------------------------------------------------------- model
 class ModelConfig(Strict):
     path: str | None = Field(None, description="local Hugging Face folder; overrides the shape below")
-    family: Literal["gpt2", "llama"] = "gpt2"
-    n_layer: PositiveInt = 4
-    n_head: PositiveInt = 4
-    n_kv_head: PositiveInt | None = None
-    d_model: PositiveInt = 256
-    d_ff: PositiveInt | None = None
-    max_positions: PositiveInt = 1024
-    dropout: Fraction = 0.0
-    tie_embeddings: bool = True
-    attention: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    family: Literal["gpt2", "llama"] = Field(
+        "gpt2", description="architecture of a model built from scratch (learned positions / RoPE+SwiGLU)"
+    )
+    n_layer: PositiveInt = Field(4, description="transformer blocks")
+    n_head: PositiveInt = Field(4, description="attention heads")
+    n_kv_head: PositiveInt | None = Field(
+        None, description="llama: key/value heads (grouped-query attention); default n_head"
+    )
+    d_model: PositiveInt = Field(256, description="hidden size")
+    d_ff: PositiveInt | None = Field(None, description="MLP hidden size; default 4 x d_model (llama 8/3)")
+    max_positions: PositiveInt = Field(1024, description="context length the model is built for")
+    dropout: Fraction = Field(0.0, description="dropout on embeddings, attention and residuals")
+    tie_embeddings: bool = Field(True, description="share the input embedding with the output layer")
+    attention: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="attention kernel (flash_attention_2 needs the flash-attn package on GPUs)"
+    )
 
     @model_validator(mode="after")
     def _heads_divide(self) -> ModelConfig:
@@ -127,27 +153,39 @@ class ModelConfig(Strict):
 
 # -------------------------------------------------------------------------------------------- train
 class OptimizerConfig(Strict):
-    name: Literal["sgd", "adam", "adamw", "adafactor"] = "adamw"
-    lr: PositiveFloat = 1e-3
-    weight_decay: Annotated[float, Field(ge=0)] = 0.1
-    betas: tuple[Fraction, Fraction] = (0.9, 0.95)
-    eps: PositiveFloat = 1e-8
-    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    name: Literal["sgd", "adam", "adamw", "adafactor"] = Field("adamw", description="the optimizer")
+    lr: PositiveFloat = Field(1e-3, description="peak learning rate (the schedule scales it)")
+    weight_decay: Annotated[float, Field(ge=0)] = Field(
+        0.1, description="decoupled weight decay (adamw) or L2 (others); never on biases and norms"
+    )
+    betas: tuple[Fraction, Fraction] = Field((0.9, 0.95), description="adam/adamw moment decay rates")
+    eps: PositiveFloat = Field(1e-8, description="adam/adamw denominator epsilon")
+    momentum: Annotated[float, Field(ge=0, lt=1)] = Field(0.9, description="sgd momentum")
 
 
 class ScheduleConfig(Strict):
-    warmup_steps: NonNegInt = 0
-    decay: Literal["constant", "linear", "cosine"] = "cosine"
-    min_lr_ratio: Fraction = 0.1
+    warmup_steps: NonNegInt = Field(0, description="steps of linear warmup from ~0 to the peak lr")
+    decay: Literal["constant", "linear", "cosine"] = Field(
+        "cosine", description="shape of the decay after warmup, down to min_lr_ratio at max_steps"
+    )
+    min_lr_ratio: Fraction = Field(0.1, description="final learning rate as a fraction of the peak")
 
 
 class DeepSpeedConfig(Strict):
-    zero_stage: Literal[0, 1, 2, 3] = 2
-    offload_optimizer: bool = False
-    offload_params: bool = False
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    activation_checkpointing: bool = False
-    compile: bool = False
+    zero_stage: Literal[0, 1, 2, 3] = Field(
+        2, description="ZeRO partitioning: 1 optimizer state, 2 + gradients, 3 + parameters"
+    )
+    offload_optimizer: bool = Field(
+        False, description="keep optimizer state in CPU memory (DeepSpeedCPUAdam)"
+    )
+    offload_params: bool = Field(False, description="ZeRO-3: keep parameters in CPU memory between uses")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="training precision; fp16 (loss scaling) needs GPUs"
+    )
+    activation_checkpointing: bool = Field(
+        False, description="recompute block activations in backward: less memory, ~30% more compute"
+    )
+    compile: bool = Field(False, description="torch.compile the model through DeepSpeed's engine")
     extra: dict[str, Any] = Field(
         default_factory=dict, description="merged last into the generated DeepSpeed config"
     )
@@ -171,38 +209,47 @@ class TrainConfig(Strict):
     workers: PositiveInt | tuple[PositiveInt, PositiveInt] = Field(
         2, description="fixed count, or [min, max] for elastic training"
     )
-    use_gpu: bool = False
+    use_gpu: bool = Field(False, description="one GPU per worker (gpus_per_worker), NCCL between them")
     cpus_per_worker: PositiveFloat = Field(
         0.5, description="fractional on CPU so Ray Data read tasks keep a core"
     )
-    gpus_per_worker: Annotated[float, Field(ge=0)] = 1.0
+    gpus_per_worker: Annotated[float, Field(ge=0)] = Field(1.0, description="GPUs per worker with use_gpu")
     resources_per_worker: dict[str, float] = Field(
         default_factory=dict, description="extra custom Ray resources per worker, e.g. a node slot"
     )
     elastic_monitor_s: PositiveFloat = Field(
         60.0, description="elastic ranges: how often Ray Train checks for capacity to scale back up"
     )
-    max_steps: PositiveInt = 300
+    max_steps: PositiveInt = Field(
+        300, description="optimizer steps of the run (a resumed run continues to it)"
+    )
     global_batch: PositiveInt = Field(16, description="sequences per optimizer step, all workers")
     micro_batch: PositiveInt = Field(8, description="sequences per forward pass on one worker")
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
-    grad_clip: Annotated[float, Field(ge=0)] = 1.0
-    log_every: PositiveInt = 10
-    eval_every: PositiveInt = 100
-    eval_batches: PositiveInt = 8
-    checkpoint_every: PositiveInt = 100
-    keep_checkpoints: PositiveInt = 2
-    max_failures: NonNegInt = 3
+    loss: Literal["auto", "full", "chunked", "liger"] = Field(
+        "full",
+        description="next-token loss: full logits, chunked over positions (never materializes them), "
+        "Liger Kernel's fused kernel (CUDA); auto: liger on CUDA when installed, else chunked",
+    )
+    grad_clip: Annotated[float, Field(ge=0)] = Field(1.0, description="clip the global gradient norm; 0: off")
+    log_every: PositiveInt = Field(10, description="steps between train-metric lines (loss, tokens/s, MFU)")
+    eval_every: PositiveInt = Field(100, description="steps between validation passes")
+    eval_batches: PositiveInt = Field(8, description="global batches of the val split each validation scores")
+    checkpoint_every: PositiveInt = Field(100, description="steps between checkpoints (and the last step)")
+    keep_checkpoints: PositiveInt = Field(2, description="newest checkpoints kept in storage")
+    max_failures: NonNegInt = Field(
+        3, description="worker-group restarts from the last checkpoint before the run fails"
+    )
     shuffle_buffer: NonNegInt = Field(0, description="rows in the per-epoch local shuffle buffer")
     cache_data_gb: Annotated[float, Field(ge=0)] = Field(
         2.0,
         description="packed data smaller than this is materialized once in the object store (fast "
         "epochs and restarts); larger data streams from storage",
     )
-    seed: int = 0
-    export: bool = True
+    seed: int = Field(0, description="seed of initialization, dropout and the shuffle buffer")
+    export: bool = Field(True, description="write <run_dir>/train/export, a plain Hugging Face folder")
     resume: bool = Field(True, description="continue from the last checkpoint in the run dir")
 
     @field_validator("workers")
@@ -243,29 +290,51 @@ class TrainConfig(Strict):
 
 # --------------------------------------------------------------------------------------------- tune
 class TuneConfig(Strict):
-    num_samples: PositiveInt = 4
-    scheduler: Literal["asha", "fifo"] = "asha"
-    metric: Literal["val_loss", "train_loss", "val_perplexity"] = "val_loss"
-    mode: Literal["min", "max"] = "min"
-    max_steps: PositiveInt = 100
-    grace_period: PositiveInt = 2
-    reduction_factor: Annotated[int, Field(ge=2)] = 2
-    max_concurrent: PositiveInt = 1
-    space: dict[str, Any] = Field(default_factory=dict)
+    num_samples: PositiveInt = Field(
+        4, description="random samples of the space (each grid point this often)"
+    )
+    scheduler: Literal["asha", "fifo"] = Field(
+        "asha", description="asha stops weak trials early; fifo runs every trial to max_steps"
+    )
+    metric: Literal["val_loss", "train_loss", "val_perplexity"] = Field(
+        "val_loss", description="what trials are ranked by"
+    )
+    mode: Literal["min", "max"] = Field("min", description="whether lower or higher metric is better")
+    max_steps: PositiveInt = Field(100, description="train.max_steps of each trial")
+    grace_period: PositiveInt = Field(2, description="asha: steps every trial runs before it can be stopped")
+    reduction_factor: Annotated[int, Field(ge=2)] = Field(
+        2, description="asha: keep 1 of this many trials at each rung"
+    )
+    max_concurrent: PositiveInt = Field(1, description="trials running at once")
+    space: dict[str, Any] = Field(
+        default_factory=dict,
+        description="config field -> values: a list (each value), {choice: [...]}, {grid: [...]}, "
+        "{uniform|loguniform|randint: [low, high]}",
+    )
 
 
 # --------------------------------------------------------------------------------------------- eval
 class EvalConfig(Strict):
     model_dir: str | None = Field(None, description="default: the run's exported model")
-    batch_size: PositiveInt = 8
-    max_batches: PositiveInt | None = None
+    batch_size: PositiveInt = Field(8, description="packed blocks per scoring forward pass")
+    max_batches: PositiveInt | None = Field(None, description="score only the split's first batches")
+    actors: PositiveInt = Field(1, description="scoring actors (each loads the model once)")
+    cpus_per_actor: PositiveFloat = Field(1.0, description="CPUs each scoring actor reserves")
+    gpus_per_actor: Annotated[float, Field(ge=0)] = Field(
+        0.0, description="GPUs each scoring actor reserves; > 0 scores on GPUs"
+    )
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="scoring precision; auto: bf16 on GPUs, fp32 on CPUs"
+    )
 
 
 # -------------------------------------------------------------------------------------------- serve
 class ReplicaConfig(Strict):
-    min: NonNegInt = 1
-    max: PositiveInt = 1
-    target_ongoing_requests: PositiveFloat = 8.0
+    min: NonNegInt = Field(1, description="replicas kept running (autoscaling floor)")
+    max: PositiveInt = Field(1, description="autoscaling ceiling")
+    target_ongoing_requests: PositiveFloat = Field(
+        8.0, description="autoscaling aims at this many requests in flight per replica"
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> ReplicaConfig:
@@ -277,17 +346,27 @@ class ReplicaConfig(Strict):
 class ServeConfig(Strict):
     model_dir: str | None = Field(None, description="default: the run's exported model")
     model_name: str | None = Field(None, description="id clients send; default: the folder name")
-    host: str = "127.0.0.1"
-    port: Annotated[int, Field(ge=1, le=65535)] = 8000
+    host: str = Field("127.0.0.1", description="address the HTTP proxy binds")
+    port: Annotated[int, Field(ge=1, le=65535)] = Field(8000, description="HTTP port")
     replicas: ReplicaConfig = Field(default_factory=ReplicaConfig)
-    cpus_per_replica: PositiveFloat = 1.0
-    gpus_per_replica: Annotated[float, Field(ge=0)] = 0.0
-    max_batch: PositiveInt = 16
-    batch_wait_ms: Annotated[float, Field(ge=0)] = 10.0
-    max_tokens_limit: PositiveInt = 1024
-    default_max_tokens: PositiveInt = 64
-    max_body_bytes: PositiveInt = 1_000_000
-    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    cpus_per_replica: PositiveFloat = Field(1.0, description="CPUs each replica reserves")
+    gpus_per_replica: Annotated[float, Field(ge=0)] = Field(0.0, description="GPUs each replica reserves")
+    max_batch: PositiveInt = Field(
+        16, description="sequences one replica decodes together (rows of its running KV-cache batch)"
+    )
+    batch_wait_ms: Annotated[float, Field(ge=0)] = Field(
+        10.0, description="how long a new request waits for others to share its prefill"
+    )
+    max_ongoing_requests: PositiveInt = Field(
+        64, description="requests one replica accepts at once; Serve holds the rest at the proxy"
+    )
+    max_n: PositiveInt = Field(16, description="the largest n (choices) one request may ask for")
+    max_tokens_limit: PositiveInt = Field(1024, description="the largest max_tokens a request may ask for")
+    default_max_tokens: PositiveInt = Field(64, description="max_tokens when a request leaves it out")
+    max_body_bytes: PositiveInt = Field(1_000_000, description="larger request bodies get HTTP 413")
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="weights' precision; auto: bf16 (fp16) on GPUs, fp32 on CPUs"
+    )
 
 
 # ------------------------------------------------------------------------------------------ cluster
@@ -295,14 +374,16 @@ class ClusterConfig(Strict):
     address: str | None = Field(None, description="Ray address; default: $RAY_ADDRESS, else local")
     num_cpus: PositiveInt | None = Field(None, description="local cluster only; default: all cores")
     object_store_gb: PositiveFloat | None = Field(None, description="local cluster only")
-    dashboard: bool = True
-    verbose: bool = False
-    env_vars: dict[str, str] = Field(default_factory=dict)
-    working_dir: str | None = None
+    dashboard: bool = Field(True, description="local cluster only: start Ray's dashboard (Jobs API, state)")
+    verbose: bool = Field(False, description="Ray's own INFO logs and worker output on the console")
+    env_vars: dict[str, str] = Field(
+        default_factory=dict, description="environment of every Ray worker (over rayllm's defaults)"
+    )
+    working_dir: str | None = Field(None, description="joining a cluster: upload this folder as working_dir")
 
 
 class RunConfig(Strict):
-    run_dir: str = "runs/default"
+    run_dir: str = Field("runs/default", description="folder every stage writes <run_dir>/<stage>/ into")
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 from urllib.parse import urlsplit
 
+from rayllm import stages
 from rayllm.config import RunConfig, load_config
 from rayllm.errors import ConfigError, RayllmError, find_user_error
 from rayllm.runtime import is_uri, worker_env
@@ -31,14 +32,8 @@ from rayllm.runtime import is_uri, worker_env
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
 
-# stage -> "module:function"; each takes the RunConfig and returns a summary dict.
-STAGES = {
-    "prep": "rayllm.data:prep",
-    "train": "rayllm.train:fit",
-    "tune": "rayllm.tune:run",
-    "eval": "rayllm.eval:evaluate",
-    "demo": "rayllm.pipeline:demo",
-}
+# What a job runs: a stage of the table, or the whole demo pipeline.
+COMMANDS = (*stages.NAMES, "demo")
 ENTRYPOINT = "jobs/run_stage.py"
 # Config files are copied here for the upload: a config under a git-ignored folder (runs/...) or outside
 # the project would otherwise not reach the cluster. Must not be listed in .gitignore (Ray honors it).
@@ -195,8 +190,8 @@ def submit(
     wait: bool,
 ) -> dict[str, Any]:
     """Submit ``stage`` as a Ray job; with ``wait`` stream its logs to stdout until it ends."""
-    if stage not in STAGES:
-        raise RayllmError(f"unknown stage {stage!r}: choose one of {', '.join(STAGES)}")
+    if stage not in COMMANDS:
+        raise RayllmError(f"unknown stage {stage!r}: choose one of {', '.join(COMMANDS)}")
     t0 = time.time()
     addr = resolve_address(address, cfg)
     job_run_dir = _job_run_dir(run_dir or cfg.run_dir, addr)
@@ -322,15 +317,13 @@ def stop(job_id: str, address: str | None = None, timeout_s: float = 30.0) -> di
 
 # ---------------------------------------------------------------------------------- job entrypoint
 def _run_stage(stage: str, cfg: RunConfig) -> dict[str, Any]:
-    import importlib
-
-    module, _, name = STAGES[stage].partition(":")
-    fn = getattr(importlib.import_module(module), name)
     if stage == "demo":
         from rich.console import Console
 
-        return fn(cfg, console=Console())
-    return fn(cfg)
+        from rayllm.pipeline import demo
+
+        return demo(cfg, console=Console())
+    return stages.run_stage(stage, cfg)
 
 
 def entrypoint(argv: list[str] | None = None) -> int:
@@ -339,7 +332,7 @@ def entrypoint(argv: list[str] | None = None) -> int:
     Returns the exit code: 0, or 2 with one ``error:`` line for a user error (as the CLI does).
     """
     parser = argparse.ArgumentParser(prog=ENTRYPOINT, description="Run one rayllm stage (a Ray job).")
-    parser.add_argument("stage", choices=list(STAGES))
+    parser.add_argument("stage", choices=list(COMMANDS))
     parser.add_argument("--config", action="append", default=[], help="YAML config; repeat to merge")
     parser.add_argument("--set", dest="sets", action="append", default=[], help="section.key=value")
     parser.add_argument("--run-dir", default=None)

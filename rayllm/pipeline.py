@@ -1,7 +1,7 @@
 """The whole pipeline in one Ray session: prep -> train -> eval -> serve one request.
 
 ``rayllm demo`` / ``make demo`` run this on the embedded Shakespeare corpus; each step is the same
-stage function the CLI verbs call, so the demo exercises exactly what users run.
+stage entry (``rayllm.stages``) the CLI verbs call, so the demo exercises exactly what users run.
 """
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ from typing import Any
 from rich.console import Console
 
 from rayllm.config import RunConfig
-from rayllm.runtime import ray_session, stage_dir, write_summary
+from rayllm.rundir import RunDir
+from rayllm.runtime import ray_session
+from rayllm.stages import run_stage
 
 DEMO_PROMPT = "ROMEO:\n"
 
@@ -19,24 +21,21 @@ DEMO_PROMPT = "ROMEO:\n"
 def demo(cfg: RunConfig, console: Console | None = None) -> dict[str, Any]:
     import httpx
 
-    from rayllm import serve
-    from rayllm.data import prep
-    from rayllm.eval import evaluate
-    from rayllm.train import fit
+    from rayllm.serve import stage as serve
 
     console = console or Console()
     with ray_session(cfg.cluster, use_gpu=cfg.train.use_gpu):
         console.rule("[bold]1/4 prep[/]: Ray Data reads, cleans, dedups, trains the vocabulary, packs blocks")
-        p = prep(cfg)
+        p = run_stage("prep", cfg)
         console.print(f"{p['documents_kept']:,} documents, {p['tokens']:,} tokens, {p['blocks']:,} blocks")
         console.rule(f"[bold]2/4 train[/]: Ray Train + DeepSpeed ZeRO-{cfg.train.deepspeed.zero_stage}")
-        t = fit(cfg)
+        t = run_stage("train", cfg)
         console.print(
             f"val loss {t['val_loss_first']:.3f} -> {t['val_loss_last']:.3f}, "
             f"{t['tokens_per_second']:,.0f} tokens/s, MFU {t['mfu']:.1%}"
         )
         console.rule("[bold]3/4 eval[/]: perplexity of the exported model on the validation split")
-        e = evaluate(cfg)
+        e = run_stage("eval", cfg)
         console.print(f"loss {e['loss']:.3f}, perplexity {e['perplexity']:.1f}")
         console.rule(f"[bold]4/4 serve[/]: Ray Serve, OpenAI-compatible API on {cfg.serve.host}")
         url = serve.start(cfg)
@@ -65,7 +64,7 @@ def demo(cfg: RunConfig, console: Console | None = None) -> dict[str, Any]:
         "url": url,
         "sample": DEMO_PROMPT + sample,
         "export_dir": t["export_dir"],
-        "run_dir": str(stage_dir(cfg.run_dir, "demo").parent),
+        "run_dir": str(RunDir.of(cfg).root),
     }
-    write_summary(stage_dir(cfg.run_dir, "demo"), summary)
+    RunDir.of(cfg).write_summary("demo", summary)
     return summary

@@ -1,26 +1,21 @@
-"""Connecting to Ray and laying out run directories.
+"""Connecting to Ray, the environment every Ray worker gets, and opening paths and URIs.
 
-Every stage writes into ``<run_dir>/<stage>/``: ``config.yaml`` (the resolved config),
-``metrics.jsonl``, artifacts, and ``summary.json`` with its headline figures. The next stage reads
-what it needs from there, so stages run alone, from the CLI, or as Ray jobs alike.
+Where a run's files live is ``rayllm.rundir``'s business; this module only knows how to reach a
+cluster and a filesystem.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
-import json
 import logging
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from rayllm.config import ClusterConfig, RunConfig
-from rayllm.errors import RunDirError
+from rayllm.config import ClusterConfig
+from rayllm.errors import DataError
 
 log = logging.getLogger("rayllm")
 
@@ -121,9 +116,22 @@ def ray_session(cfg: ClusterConfig, use_gpu: bool = False) -> Iterator[None]:
             ray.shutdown()
 
 
-# --------------------------------------------------------------------------------- run directory
+# ------------------------------------------------------------------------------- paths and URIs
 def is_uri(path: str) -> bool:
     return "://" in path and not path.startswith("pkg://")
+
+
+def filesystem(path: str) -> tuple[Any, str]:
+    """The pyarrow filesystem and in-filesystem path for a local path or a URI (s3://, gs://, file://)."""
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
+    if not is_uri(path):
+        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+    try:
+        return pafs.FileSystem.from_uri(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"{path}: cannot open filesystem: {e}") from None
 
 
 def resolve_pkg(path: str) -> str:
@@ -133,98 +141,5 @@ def resolve_pkg(path: str) -> str:
     pkg, _, rest = path[len("pkg://") :].partition("/")
     spec = importlib.util.find_spec(pkg)
     if spec is None or not spec.submodule_search_locations:
-        from rayllm.errors import DataError
-
         raise DataError(f"{path}: package {pkg!r} is not installed (pip install it, see README)")
     return str(Path(next(iter(spec.submodule_search_locations))) / rest)
-
-
-def stage_dir(run_dir: str, stage: str, create: bool = True) -> Path:
-    if is_uri(run_dir):
-        raise RunDirError(
-            f"run_dir {run_dir}: stage outputs need a local or mounted path; "
-            "cloud URIs are used for train checkpoints via train storage"
-        )
-    d = Path(run_dir).expanduser().resolve() / stage
-    if create:
-        d.mkdir(parents=True, exist_ok=True)
-    return d
-
-
-def save_stage_config(cfg: RunConfig, stage: str) -> Path:
-    """Create the stage folder, save the resolved config, and log the stage to ``<stage>/stage.log``."""
-    d = stage_dir(cfg.run_dir, stage)
-    (d / "config.yaml").write_text(yaml.safe_dump(cfg.dump(), sort_keys=False), encoding="utf-8")
-    _log_to(d / "stage.log")
-    log.info("%s: run_dir=%s", stage, cfg.run_dir)
-    return d
-
-
-def _log_to(path: Path) -> None:
-    """One file handler per stage log on the ``rayllm`` logger (the console stays quiet)."""
-    log.setLevel(logging.INFO)
-    log.propagate = False
-    if any(getattr(h, "baseFilename", None) == str(path) for h in log.handlers):
-        return
-    handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    log.addHandler(handler)
-
-
-def write_summary(d: Path, summary: dict[str, Any]) -> Path:
-    log.info("%s summary: %s", d.name, json.dumps(summary, ensure_ascii=False, default=str))
-    p = d / "summary.json"
-    tmp = p.with_suffix(".tmp")
-    tmp.write_text(json.dumps(summary, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
-    tmp.replace(p)
-    return p
-
-
-def read_summary(run_dir: str, stage: str) -> dict[str, Any]:
-    p = stage_dir(run_dir, stage, create=False) / "summary.json"
-    if not p.is_file():
-        raise RunDirError(f"{p} not found: run `rayllm {stage}` for this run dir first")
-    return json.loads(p.read_text(encoding="utf-8"))
-
-
-def exported_model_dir(explicit: str | None, field: str, run_dir: str | None) -> str:
-    """The model a stage should load: ``field`` when set, else the run's export (train ``export_dir``)."""
-    if explicit:
-        return model_folder(Path(explicit).expanduser(), f"{field}={explicit}", field)
-    if run_dir:
-        raw = read_summary(run_dir, "train").get("export_dir") or ""
-        origin = f"{run_dir}/train/summary.json export_dir"
-        if not raw:
-            raise RunDirError(
-                f"{origin} is empty: the train stage exported no model (train.export=false?); "
-                f"run `rayllm train` with train.export=true, `rayllm export`, or set {field}"
-            )
-        path = Path(raw).expanduser()
-        if not path.is_absolute() and not path.exists():
-            path = Path(run_dir).expanduser() / path
-        return model_folder(path, f"{origin}={raw}", field)
-    raise RunDirError(f"no model: set {field}, or a run_dir whose train stage exported a model")
-
-
-def model_folder(path: Path, origin: str, field: str = "model_dir") -> str:
-    if not (path / "config.json").is_file():
-        raise RunDirError(
-            f"{origin}: not a Hugging Face model folder (no config.json in {path.resolve()}); "
-            f"point {field} at a folder written by save_pretrained"
-        )
-    return str(path.resolve())
-
-
-class MetricsWriter:
-    """Append-only jsonl; each line has ``time`` and the metrics, flushed so a crash loses nothing."""
-
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = path.open("a", encoding="utf-8")
-
-    def write(self, **metrics: Any) -> None:
-        self._f.write(json.dumps({"time": round(time.time(), 3), **metrics}, default=float) + "\n")
-        self._f.flush()
-
-    def close(self) -> None:
-        self._f.close()

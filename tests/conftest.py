@@ -103,7 +103,7 @@ def tiny_config(run_dir: Path, corpus: Path, **sections: Any) -> RunConfig:
 @pytest.fixture(scope="session")
 def prepped(ray_cluster, tiny_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> RunConfig:
     """The tiny corpus prepped once; train/eval/serve tests start from here."""
-    from rayllm.data import prep
+    from rayllm.prep.stage import run as prep
 
     cfg = tiny_config(tmp_path_factory.mktemp("run"), tiny_corpus)
     prep(cfg)

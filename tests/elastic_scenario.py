@@ -39,9 +39,9 @@ def main(corpus: Path, work: Path) -> None:
     import ray
     from ray.cluster_utils import Cluster
 
-    from rayllm.data import prep
-    from rayllm.train import fit
-    from rayllm.train.export import latest_checkpoint
+    from rayllm.prep.stage import run as prep
+    from rayllm.rundir import RunDir
+    from rayllm.train.stage import run as fit
 
     cluster = Cluster(
         initialize_head=True,
@@ -71,7 +71,7 @@ def main(corpus: Path, work: Path) -> None:
         thread = threading.Thread(target=lambda: result.update(fit(cfg)))
         thread.start()
         wait_for(
-            lambda: latest_checkpoint(str(work / "train" / "ray")) is not None and metrics(work),
+            lambda: RunDir.of(cfg).latest_checkpoint() is not None and metrics(work),
             180,
             "a checkpoint",
         )

@@ -108,10 +108,10 @@ def test_example_configs_validate(path: Path):
 
 
 def test_resolved_config_saved(tmp_path: Path):
-    from rayllm.runtime import save_stage_config
+    from rayllm.rundir import RunDir
 
     cfg = load_config([], ["train.max_steps=7"], run_dir=str(tmp_path / "run"))
-    d = save_stage_config(cfg, "train")
+    d = RunDir.of(cfg).start_stage(cfg, "train")
     saved = yaml.safe_load((d / "config.yaml").read_text())
     assert saved["train"]["max_steps"] == 7
     assert validate_config(saved) == cfg

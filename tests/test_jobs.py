@@ -296,7 +296,7 @@ def test_entrypoint_user_error_exits_2(tmp_path: Path, capsys):
 
 def test_run_stage_script_help():
     r = subprocess.run([sys.executable, str(ROOT / jobs.ENTRYPOINT), "-h"], capture_output=True, text=True)
-    assert r.returncode == 0 and "{prep,train,tune,eval,demo}" in r.stdout
+    assert r.returncode == 0 and "{prep,tune,train,eval,serve,demo}" in r.stdout
 
 
 # ---------------------------------------------------------------------------------- cluster YAMLs
@@ -374,7 +374,7 @@ def test_kuberay_manifests():
     assert (svc["apiVersion"], svc["kind"]) == ("ray.io/v1", "RayService")
     serve = yaml.safe_load(svc["spec"]["serveConfigV2"])
     app_cfg = serve["applications"][0]
-    assert app_cfg["import_path"] == "rayllm.serve:app_builder"
+    assert app_cfg["import_path"] == "rayllm.serve.deployment:app_builder"
     assert app_cfg["args"]["model_dir"]
     _check_cluster_spec(svc["spec"]["rayClusterConfig"])
 

@@ -15,11 +15,11 @@ import zstandard
 from conftest import CHINESE, tiny_config
 
 from rayllm.config import CleanConfig, SourceConfig, TokenizerConfig
-from rayllm.data import file_bins, tokenize_batch
-from rayllm.data.clean import clean_batch, clean_text
-from rayllm.data.sources import ROW_SCHEMA, infer_format, list_files, read_file
-from rayllm.data.tokenizer import Encoder, fast_spec, hf_tokenizer, tiktoken_spec, train_tokenizer
 from rayllm.errors import DataError
+from rayllm.prep.clean import clean_batch, clean_text
+from rayllm.prep.sources import ROW_SCHEMA, infer_format, list_files, read_file
+from rayllm.prep.stage import file_bins, tokenize_batch
+from rayllm.prep.tokenizer import Encoder, fast_spec, hf_tokenizer, tiktoken_spec, train_tokenizer
 
 
 def item(path: Path, fmt: str | None = None, **kw) -> dict:
@@ -369,7 +369,7 @@ def test_trained_tokenizer_round_trips_chinese_and_code(prepped):
 
 def test_deterministic_across_source_order_and_sharding(ray_cluster, prepped, tiny_corpus, tmp_path):
     """Sources listed one by one, in reverse, give byte-identical shards to one glob."""
-    from rayllm.data import prep
+    from rayllm.prep.stage import run as prep
 
     files = sorted(tiny_corpus.glob("*.txt"), reverse=True)
     cfg = tiny_config(tmp_path, tiny_corpus, data__sources=[{"path": str(f)} for f in files])
@@ -382,7 +382,7 @@ def test_deterministic_across_source_order_and_sharding(ray_cluster, prepped, ti
 
 def test_tokenizer_engines_write_identical_shards(ray_cluster, prepped, tiny_corpus, tmp_path):
     """tiktoken (auto, the default here) and the tokenizers library produce byte-identical output."""
-    from rayllm.data import prep
+    from rayllm.prep.stage import run as prep
 
     cfg = tiny_config(tmp_path, tiny_corpus)
     cfg.data.tokenizer.engine = "tokenizers"
@@ -398,7 +398,7 @@ def test_mixed_formats_skip_policy_and_loaded_gpt2_tokenizer(ray_cluster, tmp_pa
     """txt + jsonl.gz + parquet in one run, bad files skipped and counted, GPT-2 vocabulary loaded."""
     from serve_helpers import write_gpt2_tokenizer
 
-    from rayllm.data import prep
+    from rayllm.prep.stage import run as prep
 
     src = tmp_path / "src"
     src.mkdir()
@@ -428,7 +428,7 @@ def test_mixed_formats_skip_policy_and_loaded_gpt2_tokenizer(ray_cluster, tmp_pa
 
 def test_minhash_drops_near_duplicates(ray_cluster, tiny_corpus, tmp_path):
     """Paragraphs differing by one word are near duplicates; exact dedup keeps them, MinHash does not."""
-    from rayllm.data import prep
+    from rayllm.prep.stage import run as prep
 
     src = tmp_path / "src"
     src.mkdir()
@@ -451,12 +451,14 @@ def test_minhash_drops_near_duplicates(ray_cluster, tiny_corpus, tmp_path):
 
 
 def test_document_boundaries_as_position_ids(tmp_path):
-    from rayllm.data.pack import ShardWriter, position_ids
+    from rayllm.prep.pack import Packer, position_ids
+    from rayllm.rundir import ShardWriter
 
     blocks = np.array([[5, 6, 0, 7, 8, 9], [1, 0, 0, 2, 3, 0]], dtype=np.int32)
     assert position_ids(blocks, eos_id=0).tolist() == [[0, 1, 2, 0, 1, 2], [0, 1, 0, 0, 1, 2]]
-    writer = ShardWriter(tmp_path, "train", block_len=6, shard_rows=2, boundaries_eos=0)
-    writer.write(blocks)
+    packer = Packer(ShardWriter(tmp_path / "train", block_len=6), shard_rows=2, boundaries_eos=0)
+    packer.add(blocks.reshape(-1))
+    assert packer.finish() == 0 and packer.blocks == 2
     table = pq.read_table(tmp_path / "train" / "shard-00000.parquet")
     assert table.column_names == ["input_ids", "position_ids"]
     assert table.column("position_ids").to_pylist()[1] == [0, 1, 0, 0, 1, 2]

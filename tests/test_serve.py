@@ -51,7 +51,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server(ray_cluster: Any, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Serve on a free 127.0.0.1 port of the session's Ray (conftest); shut down even if a test fails."""
-    from rayllm import serve as rayllm_serve
+    from rayllm.serve import stage as rayllm_serve
 
     cfg = RunConfig.model_validate(
         {
@@ -60,6 +60,7 @@ def server(ray_cluster: Any, model_dir: Path, tmp_path_factory: pytest.TempPathF
                 "model_dir": str(model_dir),
                 "port": _free_port(),
                 "max_batch": MAX_BATCH,
+                "max_n": MAX_BATCH,
                 "batch_wait_ms": 5,
             },
         }
@@ -133,7 +134,7 @@ def test_engine_continuous_batching_matches_transformers_greedy(model_dir: Path,
 
 
 def test_model_dir_resolution_errors(tmp_path: Path, model_dir: Path) -> None:
-    from rayllm.serve import app_builder, resolve_model_dir
+    from rayllm.serve.deployment import app_builder, resolve_model_dir
 
     with pytest.raises(RunDirError, match="not a Hugging Face model folder"):
         resolve_model_dir(ServeConfig(model_dir=str(tmp_path)), None)
@@ -153,12 +154,12 @@ def test_serve_config_file_builds_the_app(model_dir: Path) -> None:
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    from rayllm.serve import app_builder
+    from rayllm.serve.deployment import app_builder
 
     path = Path(__file__).resolve().parent.parent / "examples" / "configs" / "serve.yaml"
     schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
     (app,) = schema.applications
-    assert app.import_path == "rayllm.serve:app_builder"
+    assert app.import_path == "rayllm.serve.deployment:app_builder"
     args = {k: v for k, v in app.args.items() if k != "run_dir"}
     assert type(app_builder({**args, "model_dir": str(model_dir)})).__name__ == "Application"
 
@@ -403,7 +404,7 @@ BAD_REQUESTS = [
     ("negative temperature", "/v1/completions", {"prompt": "x", "temperature": -1}, 400, "temperature"),
     ("temperature above 2", "/v1/completions", {"prompt": "x", "temperature": 7}, 400, "temperature"),
     ("top_p above 1", "/v1/completions", {"prompt": "x", "top_p": 1.5}, 400, "top_p"),
-    ("n above max_batch", "/v1/completions", {"prompt": "x", "n": MAX_BATCH + 1}, 400, "n"),
+    ("n above max_n", "/v1/completions", {"prompt": "x", "n": MAX_BATCH + 1}, 400, "n"),
     ("empty stop string", "/v1/completions", {"prompt": "x", "stop": [""]}, 400, "stop"),
     ("unknown parameter", "/v1/completions", {"prompt": "x", "best_guess": True}, 400, "best_guess"),
     ("unsupported penalty", "/v1/completions", {"prompt": "x", "presence_penalty": 1.0}, 400, None),

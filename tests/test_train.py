@@ -29,6 +29,19 @@ def run_cfg(prepped: RunConfig, run_dir: Path, model: dict | None = None, **trai
     return RunConfig.model_validate(raw)
 
 
+@pytest.fixture(autouse=True)
+def unordered_driver_context():
+    """Ray Data's default, which a standalone `rayllm train` sees: nothing may rely on the driver's
+    preserve_order for the one deterministic stream that exact resume and resizing depend on."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = False
+    yield
+    ctx.execution_options.preserve_order = saved
+
+
 def metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "train" / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
@@ -47,7 +60,7 @@ def metrics(run_dir: Path) -> list[dict]:
     ids=["zero0", "zero1", "zero2", "zero3", "zero2-offload", "zero3-offload-params"],
 )
 def test_loss_decreases_for_each_zero_stage(ray_cluster, prepped, tmp_path, deepspeed):
-    from rayllm.train import fit
+    from rayllm.train.stage import run as fit
 
     cfg = run_cfg(prepped, tmp_path, deepspeed=deepspeed, export=False)
     s = fit(cfg)
@@ -68,7 +81,7 @@ def test_zero3_export_round_trip(ray_cluster, prepped, tmp_path):
     """The exported folder loads with plain transformers and reproduces the reported val loss."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rayllm.train import fit
+    from rayllm.train.stage import run as fit
 
     s = fit(run_cfg(prepped, tmp_path, deepspeed={"zero_stage": 3}))
     export = Path(s["export_dir"])
@@ -88,7 +101,7 @@ def test_zero3_export_round_trip(ray_cluster, prepped, tmp_path):
 
 def test_continue_from_local_hf_folder_with_bf16_and_activation_checkpointing(ray_cluster, prepped, tmp_path):
     """model.path: a local HF folder (an export) is the starting point; bf16 + checkpointing on CPU."""
-    from rayllm.train import fit
+    from rayllm.train.stage import run as fit
 
     first = fit(run_cfg(prepped, tmp_path / "a", deepspeed={"zero_stage": 1}))
     cfg = run_cfg(
@@ -105,8 +118,8 @@ def test_continue_from_local_hf_folder_with_bf16_and_activation_checkpointing(ra
 
 def test_checkpoints_to_a_storage_uri_resume_and_export(ray_cluster, prepped, tmp_path):
     """train.storage as a URI (file:// here; s3:// and gs:// take the same pyarrow path)."""
-    from rayllm.train import fit
     from rayllm.train.export import export_run
+    from rayllm.train.stage import run as fit
 
     remote = tmp_path / "bucket"
     uri = f"file://{remote}"
@@ -122,7 +135,7 @@ def test_checkpoints_to_a_storage_uri_resume_and_export(ray_cluster, prepped, tm
 
 def test_llama_family_trains(ray_cluster, prepped, tmp_path):
     """The config-defined Llama shape (RMSNorm, RoPE, SwiGLU, grouped-query attention) under ZeRO-2."""
-    from rayllm.train import fit
+    from rayllm.train.stage import run as fit
 
     s = fit(run_cfg(prepped, tmp_path, model={"family": "llama", "n_kv_head": 1}, export=False))
     assert s["val_loss_last"] < s["val_loss_first"] - 0.3
@@ -133,7 +146,7 @@ def test_llama_family_trains(ray_cluster, prepped, tmp_path):
 def test_model_folder_with_a_smaller_vocabulary_is_rejected(prepped, tmp_path):
     from transformers import GPT2Config
 
-    from rayllm.train import fit
+    from rayllm.train.stage import run as fit
 
     GPT2Config(vocab_size=100, n_layer=1, n_embd=16, n_head=2).save_pretrained(tmp_path / "small")
     with pytest.raises(ConfigError, match=r"has vocab_size=100 but the data's tokenizer has 512 tokens"):
@@ -143,7 +156,7 @@ def test_model_folder_with_a_smaller_vocabulary_is_rejected(prepped, tmp_path):
 @pytest.mark.slow
 def test_torch_compile(ray_cluster, prepped, tmp_path):
     """deepspeed.compile: true compiles the engine's module (inductor on CPU, ~30 s of compile here)."""
-    from rayllm.train import fit
+    from rayllm.train.stage import run as fit
 
     s = fit(run_cfg(prepped, tmp_path, deepspeed={"zero_stage": 2, "compile": True}, export=False))
     assert s["steps"] == 12 and s["val_loss_last"] < s["val_loss_first"] - 0.3
@@ -151,7 +164,7 @@ def test_torch_compile(ray_cluster, prepped, tmp_path):
 
 def test_resize_two_one_two_workers(ray_cluster, prepped, tmp_path):
     """Train at 2 workers, resume the same run at 1 (universal checkpoint), then back at 2."""
-    from rayllm.train import fit
+    from rayllm.train.stage import run as fit
 
     const = {"warmup_steps": 0, "decay": "constant"}
     ref = fit(run_cfg(prepped, tmp_path / "ref", max_steps=18, schedule=const, export=False))
@@ -169,7 +182,7 @@ def test_resize_two_one_two_workers(ray_cluster, prepped, tmp_path):
 
 def test_elastic_range_starts_at_the_capacity_it_finds(ray_cluster, prepped, tmp_path):
     """workers=[1, 2] on a 2-CPU node: Ray Train V2's elastic policy starts 2 and the loop adapts."""
-    from rayllm.train import fit
+    from rayllm.train.stage import run as fit
 
     s = fit(run_cfg(prepped, tmp_path, workers=[1, 2], export=False))
     assert s["steps"] == 12
@@ -187,8 +200,8 @@ def _worker_pids() -> list[int]:
 @pytest.mark.slow
 def test_worker_killed_mid_run_resumes_exactly(ray_cluster, prepped, tmp_path):
     """SIGKILL a worker after a registered checkpoint: the run resumes there and ends like an unbroken one."""
-    from rayllm.train import fit
-    from rayllm.train.export import latest_checkpoint
+    from rayllm.rundir import RunDir
+    from rayllm.train.stage import run as fit
 
     common = dict(
         max_steps=300, log_every=10, eval_every=50, checkpoint_every=50, export=False, max_failures=2
@@ -205,7 +218,7 @@ def test_worker_killed_mid_run_resumes_exactly(ray_cluster, prepped, tmp_path):
     killed_at = None
     while time.time() < deadline and thread.is_alive() and killed_at is None:
         steps = [r["step"] for r in metrics(run) if "loss" in r]
-        if steps and steps[-1] < 250 and latest_checkpoint(str(run / "train" / "ray")) is not None:
+        if steps and steps[-1] < 250 and RunDir.of(run_cfg(prepped, run)).latest_checkpoint() is not None:
             pids = _worker_pids()
             if pids:
                 os.kill(pids[-1], signal.SIGKILL)
@@ -224,7 +237,7 @@ def test_worker_killed_mid_run_resumes_exactly(ray_cluster, prepped, tmp_path):
 
 
 def test_bad_configuration_fails_before_workers(prepped, tmp_path):
-    from rayllm.train import fit
+    from rayllm.train.stage import run as fit
 
     with pytest.raises(ConfigError, match=r"train\.global_batch=4096 exceeds the \d+ train blocks"):
         fit(run_cfg(prepped, tmp_path, global_batch=4096, micro_batch=8))
@@ -237,19 +250,3 @@ def test_bad_configuration_fails_before_workers(prepped, tmp_path):
         fit(RunConfig.model_validate(raw))
     with pytest.raises(Exception, match=r"manifest\.json not found"):
         fit(tiny_config(tmp_path / "empty", tmp_path))
-
-
-def test_ingest_keeps_order_whatever_the_driver_context():
-    """Ray Train copies preserve_order from the driver's DataContext (off by default): a standalone
-    `rayllm train` must still read the one deterministic stream that exact resume depends on."""
-    import ray.data
-
-    from rayllm.train import ordered_ingest
-
-    ctx = ray.data.DataContext.get_current()
-    saved = ctx.execution_options.preserve_order
-    ctx.execution_options.preserve_order = False
-    try:
-        assert ordered_ingest().preserve_order is True
-    finally:
-        ctx.execution_options.preserve_order = saved

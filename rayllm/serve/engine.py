@@ -31,6 +31,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
+from rayllm.model.build import context_length
+
 log = logging.getLogger("rayllm.serve")
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -174,7 +176,7 @@ class Engine:
         self._detok_tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype).to(self.device).eval()
         self.max_batch = max_batch
-        self.max_context = _max_context(self.model.config, self.tokenizer)
+        self.max_context = context_length(self.model.config, self.tokenizer)
         self.vocab_size = int(self.model.config.get_text_config().vocab_size)
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
         # transformers renamed `past_key_values` to `cache` during 5.x; pass whichever this version takes.
@@ -557,18 +559,6 @@ def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32  # bf16 is no faster on CPUs without AMX, and fp32 keeps log-probs exact
-
-
-def _max_context(config: Any, tokenizer: PreTrainedTokenizerBase) -> int:
-    text = config.get_text_config()
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(text, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    limit = getattr(tokenizer, "model_max_length", None)
-    if isinstance(limit, int) and 0 < limit < 1_000_000:
-        return limit
-    raise ValueError("cannot tell the model's context length: config.json has no max_position_embeddings")
 
 
 def _eos_ids(model: Any, tokenizer: PreTrainedTokenizerBase) -> set[int]:

@@ -1,4 +1,4 @@
-"""The per-worker training loop: runs inside each Ray Train worker process.
+"""The per-worker training loop: runs inside each Ray Train worker process, top to bottom.
 
 Data order is one deterministic global stream per epoch (the packed blocks, optionally through a
 seeded local shuffle). Optimizer step ``s`` consumes rows ``[s*B, (s+1)*B)`` of it and rank ``r`` of
@@ -9,56 +9,50 @@ run stopped, with no repeated or skipped data.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-import json
 import math
-import random
-import tempfile
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from rayllm.config import RunConfig
-from rayllm.model import build_model, count_params, flops_per_token, model_config
-from rayllm.train.parallel import build_optimizer, deepspeed_config, lr_lambda, peak_flops
-
-TAG = "ckpt"
-STATE_FILE = "rayllm_state.json"
-UNIVERSAL_INFO = "universal_checkpoint_info"
-
-
-@dataclass
-class TrainState:
-    """What, beyond DeepSpeed's own shards, makes a resume exact."""
-
-    step: int = 0
-    epoch: int = 0
-    samples_in_epoch: int = 0
-    tokens_seen: int = 0
-    world: int = 0
-    zero_stage: int = 0
+from rayllm.model.build import build_model, count_params, flops_per_token, model_config
+from rayllm.model.loss import NextTokenLoss, resolve_impl, shift
+from rayllm.rundir import INPUT_IDS, LOSS_MASK, POSITION_IDS, Manifest, MetricsWriter
+from rayllm.train import checkpoint
+from rayllm.train.checkpoint import TrainState
+from rayllm.train.parallel import parallelize, peak_flops
 
 
-def lm_loss(engine: Any, x: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross entropy over packed blocks of ``seq_len + 1`` tokens."""
-    logits = engine(input_ids=x[:, :-1]).logits
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1))
+class RankSlice:
+    """Collate a global batch into this rank's slice of tensors (Ray pins and moves them to the device).
 
+    ``tokens`` is the number of loss targets in the whole global batch, the same on every rank: each
+    rank scales its loss by it so that the gradient is the mean over the global batch's targets, also
+    when fine-tuning masks differ per example.
+    """
 
-def _rank_slicer(rank: int, world: int):
-    def collate(batch: dict[str, np.ndarray]) -> torch.Tensor:
-        ids = batch["input_ids"]
-        if ids.dtype == object:
-            ids = np.stack(ids)
-        per = len(ids) // world
-        return torch.from_numpy(np.ascontiguousarray(ids[rank * per : (rank + 1) * per]).astype(np.int64))
+    def __init__(self, rank: int, world: int) -> None:
+        self.rank, self.world = rank, world
 
-    return collate
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        cols = {name: np.stack(v) if v.dtype == object else v for name, v in batch.items()}
+        per = len(cols[INPUT_IDS]) // self.world
+        rows = slice(self.rank * per, (self.rank + 1) * per)
+        mask = cols.get(LOSS_MASK)
+        out = {
+            name: torch.from_numpy(np.ascontiguousarray(cols[name][rows]).astype(np.int64))
+            for name in (INPUT_IDS, POSITION_IDS, LOSS_MASK)
+            if name in cols
+        }
+        total = mask[:, 1:].sum() if mask is not None else cols[INPUT_IDS][:, 1:].size
+        out["tokens"] = torch.tensor(int(total), dtype=torch.int64)
+        return out
 
 
 class Worker:
@@ -69,8 +63,8 @@ class Worker:
         import ray.train
 
         self.cfg = RunConfig.model_validate(config["cfg"])
-        self.manifest = config["manifest"]
-        self.out_dir = Path(config["out_dir"])
+        self.manifest = Manifest.model_validate(config["manifest"])
+        out_dir = Path(config["out_dir"])
         t = self.t = self.cfg.train
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
@@ -86,84 +80,34 @@ class Worker:
         if self.rank == 0:
             from torch.utils.tensorboard import SummaryWriter
 
-            from rayllm.runtime import MetricsWriter
-
-            self.metrics = MetricsWriter(self.out_dir / "metrics.jsonl")
-            self.tb = SummaryWriter(str(self.out_dir / "tensorboard"))
-        self.seq_len = int(self.manifest["seq_len"])
+            self.metrics = MetricsWriter(out_dir / "metrics.jsonl")
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+        self.seq_len = self.manifest.seq_len
         self.accum = t.grad_accum(self.world)
 
         torch.manual_seed(t.seed)
-        self.hf_config = model_config(
-            self.cfg.model, self.manifest["vocab_size"], self.manifest["eos_id"], self.manifest["pad_id"]
-        )
+        m = self.manifest
+        self.hf_config = model_config(self.cfg.model, m.vocab_size, m.eos_id, m.pad_id)
         model = build_model(self.cfg.model, self.hf_config)
-        if t.deepspeed.activation_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.config.use_cache = False
         self.flops_per_token = flops_per_token(self.hf_config, count_params(model), self.seq_len)
+        objective = NextTokenLoss(model, resolve_impl(t.loss, model, self.device))
 
-        self.state = TrainState(world=self.world, zero_stage=t.deepspeed.zero_stage)
         ckpt = ray.train.get_checkpoint()
-        saved: TrainState | None = None
-        if ckpt is not None:
-            with ckpt.as_directory() as d:
-                saved = TrainState(**json.loads((Path(d) / STATE_FILE).read_text()))
-        resharding = saved is not None and saved.world != self.world and saved.zero_stage > 0
-        ds_config = deepspeed_config(t, self.world, load_universal=resharding)
-        optimizer = None if t.deepspeed.offload_optimizer else build_optimizer(model, t.optimizer)
-        self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=model,
-            optimizer=optimizer,
-            model_parameters=None if optimizer else [p for p in model.parameters() if p.requires_grad],
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
-                opt, lr_lambda(t.schedule, t.max_steps)
-            ),
-            config=ds_config,
+        saved = checkpoint.read_state(ckpt) if ckpt is not None else None
+        self.engine, self.scheduler = parallelize(
+            objective, t, self.world, load_universal=checkpoint.needs_reshard(saved, self.world)
         )
-        if t.deepspeed.compile:
-            self.engine.compile()
+        self.state = TrainState(world=self.world, zero_stage=t.deepspeed.zero_stage)
         if ckpt is not None and saved is not None:
-            self._restore(ckpt, saved, resharding)
+            checkpoint.restore(self.engine, ckpt, saved, self.rank, self.world)
+            self.state = TrainState(**{**saved.__dict__, "world": self.world})
+            self._log(event="resume", step=saved.step, from_world=saved.world, world=self.world)
 
         self.train_it = ray.train.get_dataset_shard("train")
         self.val_it = ray.train.get_dataset_shard("val")
-        self.collate = _rank_slicer(self.rank, self.world)
-        self._val: list[torch.Tensor] | None = None
+        self.collate = RankSlice(self.rank, self.world)
+        self._val: list[dict[str, torch.Tensor]] | None = None
         self.peak = peak_flops(self.device, t.deepspeed.precision) * self.world
-
-    # ------------------------------------------------------------------------------ checkpoints
-    def _restore(self, ckpt: Any, saved: TrainState, resharding: bool) -> None:
-        with ckpt.as_directory() as d:
-            load_dir, tag = Path(d), TAG
-            with tempfile.TemporaryDirectory() as tmp:
-                if resharding:
-                    load_dir, tag = _to_universal(Path(d), Path(tmp)), f"{TAG}_universal"
-                path, _ = self.engine.load_checkpoint(
-                    str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
-                )
-                if path is None:
-                    raise RuntimeError(f"DeepSpeed could not load checkpoint {load_dir}/{tag}")
-            # RNG streams (dropout, sampling) continue per rank when the world size is unchanged;
-            # after a resize ranks map to different data, so fresh seeded streams are as good.
-            rng = Path(d) / f"rng_rank{self.rank}.pt"
-            if saved.world == self.world and rng.is_file():
-                _set_rng_state(torch.load(rng, weights_only=False))
-        self.state = TrainState(**{**asdict(saved), "world": self.world})
-        self._log(event="resume", step=saved.step, from_world=saved.world, world=self.world)
-
-    def checkpoint(self, metrics: dict[str, Any]) -> None:
-        import ray.train
-
-        with tempfile.TemporaryDirectory() as d:
-            # The universal-checkpoint marker lets ds_to_universal reshard this checkpoint later.
-            client = {"rayllm": asdict(self.state), UNIVERSAL_INFO: {"universal_checkpoint_version": 0.4}}
-            self.engine.save_checkpoint(d, tag=TAG, client_state=client)
-            torch.save(_rng_state(), Path(d) / f"rng_rank{self.rank}.pt")
-            if self.rank == 0:
-                (Path(d) / STATE_FILE).write_text(json.dumps(asdict(self.state)))
-                self.hf_config.save_pretrained(d)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
     # ------------------------------------------------------------------------------------- data
     def _epoch_batches(self, it: Any, epoch: int, skip: int = 0):
@@ -173,12 +117,38 @@ class Worker:
             drop_last=True,
             collate_fn=self.collate,
             prefetch_batches=2,
+            pin_memory=self.device.type == "cuda",
             local_shuffle_buffer_size=shuffle or None,
             local_shuffle_seed=self.t.seed + epoch if shuffle else None,
         )
-        for i, x in enumerate(batches):
+        for i, batch in enumerate(batches):
             if i >= skip:
-                yield x
+                yield batch
+
+    def _micro_batches(self, batch: dict[str, torch.Tensor]):
+        """(inputs, targets, position_ids) per micro-batch of this rank's slice, on the device."""
+        mb = self.t.micro_batch
+        for m in range(0, len(batch[INPUT_IDS]), mb):
+            ids = batch[INPUT_IDS][m : m + mb].to(self.device, non_blocking=True)
+            mask = batch[LOSS_MASK][m : m + mb].to(self.device) if LOSS_MASK in batch else None
+            pos = batch[POSITION_IDS][m : m + mb, :-1].to(self.device) if POSITION_IDS in batch else None
+            inputs, targets = shift(ids, mask)
+            yield inputs, targets, pos
+
+    # ------------------------------------------------------------------------------------- step
+    def train_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One optimizer step over this rank's slice of the global batch; returns the summed NLL on
+        the device (read only when logging: no host sync per step)."""
+        # engine.backward divides by the accumulation steps and the gradient all-reduce averages
+        # over ranks; this scale makes the result the mean over the global batch's targets.
+        scale = self.accum * self.world / batch["tokens"].to(self.device).clamp(min=1)
+        nll_sum = torch.zeros((), device=self.device)
+        for inputs, targets, pos in self._micro_batches(batch):
+            nll, _, _ = self.engine(inputs, targets, pos)
+            self.engine.backward(nll * scale)
+            self.engine.step()
+            nll_sum += nll.detach()
+        return nll_sum
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -187,17 +157,11 @@ class Worker:
             # The same rows every time: read them once instead of re-running a Ray Data pipeline.
             self._val = list(itertools.islice(self._epoch_batches(self.val_it, 0), self.t.eval_batches))
         self.engine.eval()
-        total = torch.zeros(3, dtype=torch.float64)
-        for x in self._val:
-            for m in range(0, len(x), self.t.micro_batch):
-                mb = x[m : m + self.t.micro_batch].to(self.device)
-                logits = self.engine(input_ids=mb[:, :-1]).logits.float()
-                targets = mb[:, 1:]
-                loss = F.cross_entropy(
-                    logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum"
-                )
-                correct = (logits.argmax(-1) == targets).sum()
-                total += torch.tensor([loss.item(), targets.numel(), correct.item()], dtype=torch.float64)
+        total = torch.zeros(3, dtype=torch.float64, device=self.device)
+        for batch in self._val:
+            for inputs, targets, pos in self._micro_batches(batch):
+                nll, count, correct = self.engine(inputs, targets, pos, accuracy=True)
+                total += torch.stack([nll.double(), count.double(), correct.double()])
         self.engine.train()
         total = self._all_reduce(total)
         loss = (total[0] / total[1]).item()
@@ -210,8 +174,6 @@ class Worker:
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
 
-        if self.device.type == "cuda":
-            t = t.to(self.device)
         dist.all_reduce(t)
         return t.cpu()
 
@@ -231,38 +193,30 @@ class Worker:
         t, s = self.t, self.state
         if s.step == 0:
             self._log(step=0, **self.evaluate(), world=self.world)
-        window_loss, window_steps, window_time = 0.0, 0, 0.0
+        window = _Window(self.device)
         while s.step < t.max_steps:
             finished_epoch = True
-            for x in self._epoch_batches(self.train_it, s.epoch, skip=s.samples_in_epoch // t.global_batch):
-                t0 = time.perf_counter()
-                x = x.to(self.device, non_blocking=True)
-                step_loss = 0.0
-                for m in range(self.accum):
-                    loss = lm_loss(self.engine, x[m * t.micro_batch : (m + 1) * t.micro_batch])
-                    self.engine.backward(loss)
-                    self.engine.step()
-                    step_loss += loss.item() / self.accum
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize()
-                window_time += time.perf_counter() - t0
-                window_loss += step_loss
-                window_steps += 1
+            for batch in self._epoch_batches(
+                self.train_it, s.epoch, skip=s.samples_in_epoch // t.global_batch
+            ):
+                window.add(self.train_step(batch), batch["tokens"])
                 s.step += 1
                 s.samples_in_epoch += t.global_batch
                 s.tokens_seen += t.global_batch * self.seq_len
                 metrics: dict[str, Any] = {}
                 if s.step % t.log_every == 0 or s.step == 1 or s.step == t.max_steps:
-                    metrics = self._train_metrics(window_loss, window_steps, window_time)
-                    window_loss, window_steps, window_time = 0.0, 0, 0.0
-                if s.step % t.eval_every == 0 or s.step == t.max_steps:
-                    metrics.update(self.evaluate())
-                if metrics:
-                    self._log(**metrics)
-                if s.step % t.checkpoint_every == 0 or s.step == t.max_steps:
-                    self.checkpoint(metrics or {"step": s.step})
-                elif "val_loss" in metrics:
-                    ray.train.report(metrics)
+                    metrics = self._train_metrics(window)
+                with window.paused():  # validation and checkpoints are not training time
+                    if s.step % t.eval_every == 0 or s.step == t.max_steps:
+                        metrics.update(self.evaluate())
+                    if metrics:
+                        self._log(**metrics)
+                    if s.step % t.checkpoint_every == 0 or s.step == t.max_steps:
+                        checkpoint.save(
+                            self.engine, s, self.rank, self.hf_config, metrics or {"step": s.step}
+                        )
+                    elif "val_loss" in metrics:
+                        ray.train.report(metrics)
                 if s.step >= t.max_steps:
                     finished_epoch = False
                     break
@@ -273,15 +227,15 @@ class Worker:
             self.tb.close()
             self.metrics.close()
 
-    def _train_metrics(self, loss_sum: float, steps: int, seconds: float) -> dict[str, Any]:
+    def _train_metrics(self, window: _Window) -> dict[str, Any]:
         s = self.state
-        loss = self._all_reduce(torch.tensor([loss_sum / max(steps, 1)], dtype=torch.float64))
+        nll, tokens, steps, seconds = window.take(self._all_reduce)
         tokens_per_s = steps * self.t.global_batch * self.seq_len / max(seconds, 1e-9)
         grad_norm = self.engine.get_global_grad_norm()
         out = {
             "step": s.step,
             "epoch": s.epoch,
-            "loss": loss.item() / self.world,
+            "loss": nll / max(tokens, 1),
             "lr": self.scheduler.get_last_lr()[0],
             "tokens_per_second": tokens_per_s,
             "step_time": seconds / max(steps, 1),
@@ -295,19 +249,50 @@ class Worker:
         return out
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+class _Window:
+    """Loss and wall-clock time between two log lines, kept on the device until read.
+
+    The clock runs from the end of the previous window, so waiting for data counts; time spent in
+    validation and checkpoints is excluded (``paused``).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.nll = torch.zeros((), dtype=torch.float64, device=device)
+        self.tokens = torch.zeros((), dtype=torch.float64, device=device)
+        self.steps = 0
+        self.start = time.perf_counter()
+        self.excluded = 0.0
+
+    def add(self, nll: torch.Tensor, tokens: torch.Tensor) -> None:
+        self.nll += nll.double()
+        self.tokens += tokens.to(self.device, torch.float64)
+        self.steps += 1
+
+    def take(self, all_reduce: Any) -> tuple[float, float, int, float]:
+        """(NLL summed over all ranks, loss targets of the global batches, steps, seconds); resets."""
+        totals = all_reduce(torch.stack([self.nll, self.tokens]))  # the one host sync per window
+        seconds = time.perf_counter() - self.start - self.excluded
+        # Every rank counted the global batch's targets; the NLL is per rank.
+        out = (totals[0].item(), totals[1].item() / _world(), self.steps, seconds)
+        self.nll.zero_()
+        self.tokens.zero_()
+        self.steps, self.start, self.excluded = 0, time.perf_counter(), 0.0
+        return out
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.excluded += time.perf_counter() - t0
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def _world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size()
 
 
 def _memory_mb(device: torch.device) -> float:
@@ -316,27 +301,6 @@ def _memory_mb(device: torch.device) -> float:
     import psutil
 
     return psutil.Process().memory_info().rss / 2**20
-
-
-def _to_universal(ckpt_dir: Path, tmp: Path) -> Path:
-    """Convert a ZeRO checkpoint to DeepSpeed's universal format, loadable at any DP world size."""
-    import argparse
-
-    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
-
-    out = tmp / "universal"
-    out.mkdir()
-    args = argparse.Namespace(
-        input_folder=str(ckpt_dir / TAG),
-        output_folder=str(out / f"{TAG}_universal"),
-        num_extract_workers=1,
-        num_merge_workers=1,
-        keep_temp_folder=False,
-        strict=True,
-        inject_missing_state=True,
-    )
-    ds_to_universal(args)
-    return out
 
 
 def train_loop(config: dict[str, Any]) -> None:

@@ -1,7 +1,7 @@
 """Everything DeepSpeed: the generated config, the optimizer and LR schedule, MFU peak numbers.
 
 The model arrives plain; ZeRO stage, offload, precision, activation checkpointing and compile are
-applied here from ``TrainConfig`` (torchtitan's split between model and parallelism).
+applied here from ``TrainConfig`` by ``parallelize`` (torchtitan's split between model and parallelism).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from rayllm.config import OptimizerConfig, ScheduleConfig, TrainConfig, deep_merge
+from rayllm.model.loss import NextTokenLoss
 
 # Dense bf16/fp16 tensor-core peak FLOP/s per device (vendor datasheets, without sparsity).
 PEAK_FLOPS = {
@@ -62,6 +63,34 @@ def deepspeed_config(t: TrainConfig, world: int, load_universal: bool = False) -
             "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay},
         }
     return deep_merge(cfg, ds.extra)
+
+
+def parallelize(
+    objective: NextTokenLoss, t: TrainConfig, world: int, load_universal: bool
+) -> tuple[Any, Any]:
+    """Activation checkpointing, the optimizer and DeepSpeed around the loss-wrapped model.
+
+    Returns the DeepSpeed engine (call it like the objective) and its LR scheduler.
+    """
+    import deepspeed
+
+    lm = objective.lm
+    if t.deepspeed.activation_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if t.deepspeed.zero_stage == 3 and objective.impl != "full":
+        # The fused/chunked loss reads the output embedding outside its module's forward.
+        deepspeed.zero.register_external_parameter(objective, lm.get_output_embeddings().weight)
+    optimizer = None if t.deepspeed.offload_optimizer else build_optimizer(objective, t.optimizer)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=objective,
+        optimizer=optimizer,
+        model_parameters=None if optimizer else [p for p in objective.parameters() if p.requires_grad],
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.schedule, t.max_steps)),
+        config=deepspeed_config(t, world, load_universal=load_universal),
+    )
+    if t.deepspeed.compile:
+        engine.compile()
+    return engine, scheduler
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:

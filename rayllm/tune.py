@@ -1,9 +1,10 @@
 """tune stage (Ray Tune): search training settings against validation metrics with ASHA early stopping.
 
-Each trial is a function trainable that builds and fits the same ``TorchTrainer`` as ``rayllm train``
-(Train V2 does not accept ``Tuner(trainer)``), with ``TuneReportCallback`` forwarding the workers'
-eval reports so ASHA can stop weak trials early. The best trial is handed on as a full run config
-(``tune/best.yaml``) and its checkpoint path.
+Each trial is a function trainable that runs the train stage (found in the stage table, so tune does
+not import train) into its own folder under ``tune/trials/``, with ``TuneReportCallback`` forwarding
+the workers' eval reports so ASHA can stop weak trials early (Train V2 does not accept
+``Tuner(trainer)``). The best trial is handed on as a full run config (``tune/best.yaml``) and its
+checkpoint path.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from typing import Any
 
 import yaml
 
+from rayllm import stages
 from rayllm.config import RunConfig, apply_overrides, validate_config
 from rayllm.errors import ConfigError
-from rayllm.runtime import ray_session, save_stage_config, write_summary
+from rayllm.rundir import RunDir
+from rayllm.runtime import ray_session
 
 SAMPLERS = ("choice", "grid", "uniform", "loguniform", "randint")
 
@@ -70,22 +73,21 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     from ray.tune.integration.ray_train import TuneReportCallback
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from rayllm.data import load_manifest
-    from rayllm.train import build_trainer, check_compatible, data_dir_of
-
     tc = cfg.tune
     space = search_space(tc.space)
     _check_space(cfg)
-    data_dir = data_dir_of(cfg)
-    manifest = load_manifest(data_dir)
-    check_compatible(cfg, manifest)
-    out = save_stage_config(cfg, "tune")
+    rd = RunDir.of(cfg)
+    rd.data.manifest()  # a missing prep fails here, before Ray starts
+    out = rd.start_stage(cfg, "tune")
+    train = stages.get("train").entry
 
     def trial(params: dict[str, Any]) -> None:
-        trial_cfg = trial_config(cfg, params, tc.max_steps)
+        # Each trial is a run of its own whose packed data is this run's.
         trial_dir = out / "trials" / tune.get_context().get_trial_id()
-        trainer = build_trainer(trial_cfg, data_dir, manifest, trial_dir, callbacks=[TuneReportCallback()])
-        trainer.fit()
+        trial_cfg = trial_config(
+            cfg, {**params, "run_dir": str(trial_dir), "train.data_dir": str(rd.data.dir)}, tc.max_steps
+        )
+        train(trial_cfg, callbacks=[TuneReportCallback()])
 
     scheduler = (
         ASHAScheduler(
@@ -143,7 +145,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         "seconds": round(time.time() - t0, 1),
         "all": trials,
     }
-    write_summary(out, summary)
+    rd.write_summary("tune", summary)
     return summary
 
 

@@ -1,49 +1,39 @@
-"""The Ray Serve application: an OpenAI-compatible FastAPI ingress in front of the generation engine.
+"""The OpenAI protocol: request schemas, errors, and ``OpenAIHandler``, which turns validated requests
+into engine streams and engine outputs into OpenAI response bodies and stream chunks.
 
-One deployment, ``LLMServer``: each replica loads the model once and runs one continuous batch
-(``engine.py``). Requests enter that batch through ``@serve.batch``, which groups arrivals within
-``batch_wait_ms`` into one prefill of up to ``max_batch`` sequences; replicas scale between
-``replicas.min`` and ``replicas.max`` on ``target_ongoing_requests``. Every failure a client can cause
-is a 4xx in OpenAI's error format, raised before the engine sees the request.
+Nothing here knows about HTTP or Ray Serve (``http.py`` and ``deployment.py`` do). Requests are
+validated by pydantic before any work starts: wrong types, out-of-range sampling values and unknown
+fields are 400s naming the field, as OpenAI's API answers them. Parameters that OpenAI clients send
+with neutral defaults (penalties, ``logit_bias``, ``best_of``, ``user``) are accepted at those values
+and refused otherwise, so a client never silently gets behaviour it did not ask for. Every failure a
+client can cause is an ``APIError``, raised before the engine sees the request.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
-import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
-from pathlib import Path
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Annotated, Any, Literal
 
 import jinja2
-import torch
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from ray import serve
-from ray.serve import Application
-from starlette.datastructures import Headers
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from rayllm.config import ServeConfig, validate_config
-from rayllm.runtime import exported_model_dir, model_folder, worker_env
-from rayllm.serve.engine import Engine, GenerationStream, Output, SamplingParams, TokenLogprob
-from rayllm.serve.protocol import (
-    APIError,
-    ChatCompletionRequest,
-    CompletionRequest,
-    DetokenizeRequest,
-    TokenizeRequest,
-    error_body,
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    field_validator,
+    model_validator,
 )
 
-log = logging.getLogger("rayllm.serve")
+from rayllm.config import ServeConfig
+from rayllm.serve.engine import Engine, GenerationStream, Output, SamplingParams, TokenLogprob
 
-APP_NAME = "rayllm"
+TokenIds = list[StrictInt]
+Prompt = StrictStr | list[StrictStr] | TokenIds | list[TokenIds]
+Stop = StrictStr | Annotated[list[StrictStr], Field(max_length=16)] | None
+MAX_SEED = 2**63 - 1
 # For tokenizers without a chat template (base models such as the ones `rayllm train` exports):
 # "System: ...\nUser: ...\nAssistant:" turns. A base model then tends to write the next "User:" turn
 # itself, so that is also a stop string whenever this template is in use.
@@ -59,44 +49,167 @@ UNION_HINTS = {
 }
 
 
-def _sequence_count(groups: list[list[Any]]) -> int:
-    return sum(len(g) for g in groups)
+class APIError(Exception):
+    """An error answered in OpenAI's format: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        type: str = "invalid_request_error",
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
 
 
-@serve.deployment(name="LLMServer")
-@serve.ingress()
-class LLMServer:
-    """One replica: the engine, the tokenizer-side request handling, and the HTTP routes."""
+def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
-    def __init__(self, serve_cfg: dict[str, Any], model_dir: str, model_name: str) -> None:
-        self.cfg = ServeConfig.model_validate(serve_cfg)
-        device = "cuda" if self.cfg.gpus_per_replica > 0 and torch.cuda.is_available() else "cpu"
-        self.engine = Engine(model_dir, device=device, dtype=self.cfg.dtype, max_batch=self.cfg.max_batch)
-        self.tokenizer = self.engine.tokenizer
-        self.model_name = model_name
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Request):
+    include_usage: bool = Field(
+        True, description="send a final chunk with `usage` and no choices (on by default here)"
+    )
+
+
+class _SamplingFields(_Request):
+    model: str | None = Field(None, description="must be the served model's id when given")
+    temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
+    top_p: Annotated[float, Field(ge=0, le=1)] = 1.0
+    n: Annotated[int, Field(ge=1, le=128)] = 1
+    stop: Stop = None
+    seed: Annotated[int, Field(ge=-MAX_SEED, le=MAX_SEED)] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = Field(False, description="vLLM extension: keep generating past end-of-sequence")
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: str | list[str] | None) -> list[str]:
+        stops = [v] if isinstance(v, str) else list(v or [])
+        if any(not s for s in stops):
+            raise ValueError("stop strings must not be empty")
+        return stops
+
+    @model_validator(mode="after")
+    def _unsupported(self) -> _SamplingFields:
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                raise ValueError(f"{name} is not supported by this server; send 0 or leave it out")
+        if self.logit_bias:
+            raise ValueError("logit_bias is not supported by this server; leave it out")
+        return self
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        return tuple(self.stop or ())
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is None or self.stream_options.include_usage
+
+
+class CompletionRequest(_SamplingFields):
+    """``POST /v1/completions`` (OpenAI's legacy completions API, as evaluation harnesses use it)."""
+
+    prompt: Prompt
+    max_tokens: Annotated[int, Field(ge=0)] | None = None
+    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    echo: bool = False
+    best_of: Annotated[int, Field(ge=1)] | None = None
+    suffix: None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _non_empty(cls, v: Prompt) -> Prompt:
+        if isinstance(v, list) and (not v or any(isinstance(p, list) and not p for p in v)):
+            raise ValueError("prompt must not be an empty list")
+        return v
+
+    @model_validator(mode="after")
+    def _best_of(self) -> CompletionRequest:
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError("best_of other than n is not supported; leave it out")
+        return self
+
+
+class TextPart(_Request):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: StrictStr | list[TextPart] | None = None
+    name: str | None = None
+
+    @property
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(_SamplingFields):
+    """``POST /v1/chat/completions``; the prompt is the tokenizer's chat template over ``messages``."""
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: Annotated[int, Field(ge=0)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=0)] | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class TokenizeRequest(_Request):
+    model: str | None = None
+    prompt: StrictStr
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(_Request):
+    model: str | None = None
+    tokens: TokenIds
+
+
+Body = dict[str, Any] | AsyncIterator[dict[str, Any]]  # a response body, or the chunks of a stream
+
+
+class OpenAIHandler:
+    """The OpenAI API over one engine: tokenizer-side validation, completions, chat, tokenize.
+
+    ``submit`` admits a request's sequences into the engine's running batch (the deployment batches
+    arrivals with ``@serve.batch``); non-streaming calls return a body, streaming ones the chunks.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        cfg: ServeConfig,
+        model_name: str,
+        submit: Callable[[GenerationStream], Awaitable[None]],
+    ) -> None:
+        self.engine, self.cfg, self.model_name, self.submit = engine, cfg, model_name, submit
+        self.tokenizer = engine.tokenizer
         self.created = int(time.time())
         self.chat_template = self.tokenizer.chat_template or FALLBACK_CHAT_TEMPLATE
         self.chat_stops = () if self.tokenizer.chat_template else (FALLBACK_CHAT_STOP,)
-        self._admit.set_max_batch_size(self.cfg.max_batch)
-        self._admit.set_batch_wait_timeout_s(self.cfg.batch_wait_ms / 1000)
-
-    def __serve_build_asgi_app__(self) -> FastAPI:
-        return build_api(self)
-
-    async def check_health(self) -> None:
-        self.engine.check_health()
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, batch_size_fn=_sequence_count)
-    async def _admit(self, groups: list[list[Any]]) -> list[None]:
-        """Dynamic batching: arrivals within ``batch_wait_ms`` start together in one prefill."""
-        for group in groups:
-            self.engine.add(group)
-        return [None] * len(groups)
-
-    async def _submit(self, stream: GenerationStream) -> None:
-        size = self.cfg.max_batch
-        seqs = stream.sequences
-        await asyncio.gather(*(self._admit(seqs[i : i + size]) for i in range(0, len(seqs), size)))
 
     # ------------------------------------------------------------------------------ validation
     def check_model(self, model: str | None) -> None:
@@ -173,11 +286,11 @@ class LLMServer:
         return requested
 
     def check_n(self, n: int) -> None:
-        if n > self.cfg.max_batch:
-            raise APIError(400, f"n={n} exceeds this server's max_batch of {self.cfg.max_batch}", "n")
+        if n > self.cfg.max_n:
+            raise APIError(400, f"n={n} exceeds this server's limit of {self.cfg.max_n} (serve.max_n)", "n")
 
     # ------------------------------------------------------------------------------ completions
-    async def completions(self, req: CompletionRequest) -> Response:
+    async def completions(self, req: CompletionRequest) -> Body:
         self.check_model(req.model)
         self.check_n(req.n)
         prompts = self.completion_prompts(req.prompt)
@@ -196,7 +309,7 @@ class LLMServer:
         usage = _Usage(sum(len(p) for p in prompts))
         choices = self._completion_deltas(req, stream, prompts, usage)
         if req.stream:
-            return _sse(self._completion_chunks(req, choices, meta, usage))
+            return self._completion_chunks(req, choices, meta, usage)
         texts, reasons, logprobs = self._start_choices(len(stream.sequences))
         async for index, text, entries, reason in choices:
             texts[index] += text
@@ -211,7 +324,7 @@ class LLMServer:
             }
             for i in range(len(texts))
         ]
-        return JSONResponse({**meta, "object": "text_completion", "choices": body, "usage": usage.body()})
+        return {**meta, "object": "text_completion", "choices": body, "usage": usage.body()}
 
     async def _completion_deltas(
         self, req: CompletionRequest, stream: GenerationStream, prompts: list[list[int]], usage: _Usage
@@ -259,7 +372,7 @@ class LLMServer:
             yield {**meta, "object": "text_completion", "choices": [], "usage": usage.body()}
 
     # ------------------------------------------------------------------------------------- chat
-    async def chat(self, req: ChatCompletionRequest) -> Response:
+    async def chat(self, req: ChatCompletionRequest) -> Body:
         self.check_model(req.model)
         self.check_n(req.n)
         prompt = self.chat_prompt(req)
@@ -276,7 +389,7 @@ class LLMServer:
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_name}
         usage = _Usage(len(prompt))
         if req.stream:
-            return _sse(self._stream_chat(req, stream, meta, usage))
+            return self._stream_chat(req, stream, meta, usage)
         texts, reasons, logprobs = self._start_choices(req.n)
         async for out in self._run(stream):
             texts[out.index] += out.text
@@ -292,7 +405,7 @@ class LLMServer:
             }
             for i in range(req.n)
         ]
-        return JSONResponse({**meta, "object": "chat.completion", "choices": choices, "usage": usage.body()})
+        return {**meta, "object": "chat.completion", "choices": choices, "usage": usage.body()}
 
     async def _stream_chat(
         self, req: ChatCompletionRequest, stream: GenerationStream, meta: dict[str, Any], usage: _Usage
@@ -324,7 +437,7 @@ class LLMServer:
     async def _run(self, stream: GenerationStream) -> AsyncIterator[Output]:
         """Admit a request's sequences and yield their outputs; cancels them if the caller goes away."""
         try:
-            await self._submit(stream)
+            await self.submit(stream)
             async for out in stream:
                 yield out
         finally:
@@ -412,27 +525,11 @@ def _chat_logprobs(entries: list[TokenLogprob]) -> list[dict[str, Any]]:
     return [{**item(e.token, e.logprob), "top_logprobs": [item(t, v) for _, t, v in e.top]} for e in entries]
 
 
-def _sse(chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
-    """Server-sent events ending in ``data: [DONE]``; a failure mid-stream becomes an error event."""
-
-    async def events() -> AsyncIterator[str]:
-        try:
-            async for chunk in chunks:
-                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
-        except APIError as e:
-            yield f"data: {json.dumps(e.body(), ensure_ascii=False)}\n\n"
-        except Exception as e:
-            log.exception("stream failed")
-            yield f"data: {json.dumps(error_body(f'generation failed: {e}', 'server_error'))}\n\n"
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+def validation_message(errors: list[Any]) -> tuple[str, str | None]:
+    """OpenAI's one-message form of pydantic's errors: the field path and what it must be."""
     parts: list[str] = []
     params: list[str] = []
-    for err in exc.errors():
+    for err in errors:
         loc = [str(p) for p in err["loc"] if p != "body"]
         if err["type"] == "json_invalid":
             return f"the request body is not valid JSON: {err.get('ctx', {}).get('error', err['msg'])}", None
@@ -446,146 +543,3 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
             parts.append(text)
             params.append(name)
     return "; ".join(parts), (params[0] or None) if params else None
-
-
-class _BodyLimit:
-    """413 for bodies over ``max_bytes``, checked before any parsing.
-
-    A declared ``Content-Length`` is refused without reading a byte; a chunked body is counted as it
-    arrives and stops the request at the limit (the route's error handler answers in OpenAI's format).
-    """
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        length = Headers(scope=scope).get("content-length", "")
-        if length.isdigit() and int(length) > self.max_bytes:
-            await JSONResponse(_too_large(self.max_bytes), status_code=413)(scope, receive, send)
-            return
-        received = 0
-
-        async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise StarletteHTTPException(413)
-            return message
-
-        await self.app(scope, limited_receive, send)
-
-
-def _too_large(limit: int) -> dict[str, Any]:
-    message = f"the request body exceeds this server's limit of {limit} bytes (serve.max_body_bytes)"
-    return error_body(message, "invalid_request_error", None, "request_too_large")
-
-
-def build_api(server: LLMServer) -> FastAPI:
-    """The replica's FastAPI app; built per replica so ``max_body_bytes`` comes from its config."""
-    limit = server.cfg.max_body_bytes
-    api = FastAPI(title="rayllm", docs_url=None, redoc_url=None)
-    api.add_middleware(_BodyLimit, max_bytes=limit)
-
-    @api.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
-
-    @api.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _validation_message(exc)
-        return JSONResponse(error_body(message, "invalid_request_error", param), status_code=400)
-
-    @api.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        if exc.status_code == 413:
-            return JSONResponse(_too_large(limit), status_code=413)
-        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return JSONResponse(error_body(str(exc.detail), kind), status_code=exc.status_code)
-
-    @api.exception_handler(Exception)
-    async def _crash(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("request failed")
-        return JSONResponse(error_body(f"internal error: {exc}", "server_error"), status_code=500)
-
-    @api.get("/health")
-    async def health() -> dict[str, Any]:
-        return server.health()
-
-    @api.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        return server.models()
-
-    @api.post("/v1/completions")
-    async def completions(body: CompletionRequest) -> Response:
-        return await server.completions(body)
-
-    @api.post("/v1/chat/completions")
-    async def chat(body: ChatCompletionRequest) -> Response:
-        return await server.chat(body)
-
-    @api.post("/tokenize")
-    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
-        return server.tokenize(body)
-
-    @api.post("/detokenize")
-    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
-        return server.detokenize(body)
-
-    return api
-
-
-# ---------------------------------------------------------------------------------- app building
-def resolve_model_dir(serve_cfg: ServeConfig, run_dir: str | None) -> str:
-    """``serve.model_dir``, else the run's exported model (``train/summary.json`` ``export_dir``)."""
-    return exported_model_dir(serve_cfg.model_dir, "serve.model_dir", run_dir)
-
-
-def model_name(serve_cfg: ServeConfig, model_dir: str) -> str:
-    return serve_cfg.model_name or Path(model_dir).name
-
-
-def build_app(serve_cfg: ServeConfig, model_dir: str) -> Application:
-    """The Serve application for ``model_dir`` with replicas, resources and batching from ``serve_cfg``."""
-    model_dir = model_folder(Path(model_dir).expanduser(), f"model_dir={model_dir}", "serve.model_dir")
-    replicas = serve_cfg.replicas
-    gpu = serve_cfg.gpus_per_replica > 0
-    return LLMServer.options(
-        autoscaling_config={
-            "min_replicas": replicas.min,
-            "initial_replicas": max(replicas.min, 1),
-            "max_replicas": replicas.max,
-            "target_ongoing_requests": replicas.target_ongoing_requests,
-        },
-        # Requests beyond a full batch wait in the engine's queue, which is cheaper than Serve's.
-        max_ongoing_requests=4 * serve_cfg.max_batch,
-        ray_actor_options={
-            "num_cpus": serve_cfg.cpus_per_replica,
-            "num_gpus": serve_cfg.gpus_per_replica,
-            "runtime_env": {"env_vars": worker_env(use_gpu=gpu)},
-        },
-        health_check_period_s=10,
-        health_check_timeout_s=60,
-    ).bind(serve_cfg.model_dump(mode="json"), model_dir, model_name(serve_cfg, model_dir))
-
-
-def app_builder(args: dict[str, Any]) -> Application:
-    """Import path for Serve's own tools: ``serve run rayllm.serve:app_builder model_dir=/path``.
-
-    ``args`` are ``serve`` section fields (``max_batch=8``, ``replicas.max=2``) plus an optional
-    ``run_dir`` whose exported model is served when ``model_dir`` is not given.
-    """
-    raw: dict[str, Any] = {}
-    for key, value in args.items():
-        *parents, leaf = key.split(".")
-        node = raw
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    run_dir = raw.pop("run_dir", None)
-    cfg = validate_config({"serve": raw}, origin="serve application args").serve
-    return build_app(cfg, resolve_model_dir(cfg, run_dir))

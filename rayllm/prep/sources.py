@@ -1,8 +1,9 @@
 """Sources: resolve paths / globs / URIs to files, and read each file into document rows.
 
-A file is the unit of parallelism: Ray Data runs ``read_file`` once per file (``flat_map``), so every
-error can name its file and line. Bad input either raises ``DataError`` (``on_error: fail``, the
-default) or becomes a row with a ``reason`` so that the driver counts it; nothing vanishes.
+``file_items`` lists every input file once, in the driver; prep's Ray Data tasks then call
+``read_file`` on each file of their bin, so every error can name its file and line. Bad input either
+raises ``DataError`` (``on_error: fail``, the default) or becomes a row with a ``reason`` so that the
+driver counts it; nothing vanishes.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import pyarrow.parquet as pq
 
 from rayllm.config import DataConfig, SourceConfig
 from rayllm.errors import DataError
-from rayllm.runtime import is_uri, resolve_pkg
+from rayllm.runtime import filesystem, is_uri, resolve_pkg
 
 COMPRESSED = (".gz", ".zst", ".zstd", ".bz2", ".lz4")
 FORMATS = {
@@ -46,15 +47,6 @@ ROW_SCHEMA = pa.schema(
 )
 
 
-def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
-    if is_uri(path):
-        try:
-            return pafs.FileSystem.from_uri(path)
-        except (pa.ArrowInvalid, OSError) as e:
-            raise DataError(f"{path}: cannot open filesystem: {e}") from None
-    return pafs.LocalFileSystem(), os.path.abspath(path)
-
-
 def infer_format(path: str) -> str:
     name = path.lower()
     for ext in COMPRESSED:
@@ -67,7 +59,7 @@ def list_files(src: SourceConfig, index: int) -> list[str]:
     path = resolve_pkg(src.path)
     where = f"data.sources[{index}].path"
     if is_uri(path):
-        fs, base = _filesystem(path)
+        fs, base = filesystem(path)
         scheme = path.split("://", 1)[0] + "://"
         if any(c in base for c in "*?["):
             root = base[: min(base.find(c) for c in "*?[" if c in base)].rsplit("/", 1)[0]
@@ -101,8 +93,8 @@ def file_items(cfg: DataConfig) -> list[dict[str, Any]]:
     items = []
     for i, src in enumerate(cfg.sources):
         files = list_files(src, i)
-        fs, _ = _filesystem(files[0])
-        sizes = [info.size or 0 for info in fs.get_file_info([_filesystem(f)[1] for f in files])]
+        fs, _ = filesystem(files[0])
+        sizes = [info.size or 0 for info in fs.get_file_info([filesystem(f)[1] for f in files])]
         for f, size in zip(files, sizes, strict=True):
             items.append(
                 {
@@ -148,7 +140,7 @@ class _Reader:
         return self.row("", where, reason)
 
     def read_bytes(self) -> bytes:
-        fs, p = _filesystem(self.path)
+        fs, p = filesystem(self.path)
         compression = "detect" if self.path.lower().endswith(COMPRESSED) else None
         with fs.open_input_stream(p, compression=compression) as f:
             return f.read()

@@ -1,4 +1,4 @@
-"""prep stage (Ray Data): sources -> clean -> vocabulary -> tokenize -> dedup -> pack -> parquet + manifest.
+"""prep stage (Ray Data): sources -> clean -> vocabulary -> tokenize -> dedup -> pack -> shards + manifest.
 
 Parallel work runs in Ray Data: one task per bin of files reads, cleans and tokenizes, then a
 corpus-wide sort by content hash makes exact duplicates adjacent and the output independent of
@@ -12,7 +12,6 @@ import contextlib
 import heapq
 import json
 import os
-import shutil
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -26,10 +25,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from rayllm.config import DataConfig, RunConfig
-from rayllm.data.clean import MINHASH_SCHEME, clean_batch, hash_fraction
-from rayllm.data.pack import Packer, ShardWriter
-from rayllm.data.sources import ROW_SCHEMA, file_items, read_file
-from rayllm.data.tokenizer import (
+from rayllm.errors import DataError
+from rayllm.prep.clean import MINHASH_SCHEME, clean_batch, hash_fraction
+from rayllm.prep.pack import Packer
+from rayllm.prep.sources import ROW_SCHEMA, file_items, read_file
+from rayllm.prep.tokenizer import (
     Encoder,
     FastSpec,
     fast_spec,
@@ -37,12 +37,8 @@ from rayllm.data.tokenizer import (
     tokenizer_hash,
     train_tokenizer,
 )
-from rayllm.errors import DataError
-from rayllm.runtime import MetricsWriter, apply_env, ray_session, save_stage_config, write_summary
-
-MANIFEST = "manifest.json"
-SPLITS = ("train", "val")
-
+from rayllm.rundir import INPUT_IDS, POSITION_IDS, SPLITS, PackedData, RunDir
+from rayllm.runtime import apply_env, ray_session
 
 # Share of documents that a fast engine's ids are checked on against the tokenizers library.
 CHECK_FRACTION = 1 / 32
@@ -92,7 +88,7 @@ def tokenize_batch(
         "note": batch.column("note"),
     }
     if minhash_perm:
-        from rayllm.data.clean import minhash_signatures
+        from rayllm.prep.clean import minhash_signatures
 
         wanted = set(todo)
         sigs = minhash_signatures([t if i in wanted else "" for i, t in enumerate(texts)], minhash_perm)
@@ -237,19 +233,15 @@ def _prep_data_context(n_bins: int) -> Iterator[None]:
         ctx.execution_options.preserve_order, ctx.shuffle_strategy = saved
 
 
-def prep(cfg: RunConfig) -> dict[str, Any]:
+def run(cfg: RunConfig) -> dict[str, Any]:
     """Run the prep stage; writes shards, ``manifest.json`` and ``summary.json`` into ``<run_dir>/prep``."""
     t0 = time.time()
     dcfg = cfg.data
-    out = save_stage_config(cfg, "prep")
-    for stale in (*SPLITS, MANIFEST, "summary.json", "tokenizer"):
-        p = out / stale
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
+    rd = RunDir.of(cfg)
+    out = PackedData(rd.start_stage(cfg, "prep"))
+    out.clear()
     items = file_items(dcfg)  # listed once, before Ray starts: missing paths fail fast
-    tok_dir = out / "tokenizer"
+    tok_dir = out.tokenizer_dir
     engine = dcfg.tokenizer.engine
     if dcfg.tokenizer.path and not os.path.isdir(dcfg.tokenizer.path):
         raise DataError(f"data.tokenizer.path: {dcfg.tokenizer.path} is not a tokenizer folder")
@@ -283,15 +275,15 @@ def prep(cfg: RunConfig) -> dict[str, Any]:
         "pad_id": vocab.pad_id,
         "seq_len": dcfg.seq_len,
         "block_len": dcfg.seq_len + 1,
-        "tokenizer": "tokenizer",
+        "columns": [INPUT_IDS, POSITION_IDS] if dcfg.keep_doc_boundaries else [INPUT_IDS],
         "tokenizer_hash": tokenizer_hash(tok_dir),
         "tokenizer_engine": "tokenizers" if vocab.fast is None else "tiktoken",
         "seconds": round(seconds, 2),
         "phase_seconds": {k: round(v, 2) for k, v in phases.items()},
         "tokens_per_second": round(stats["tokens"] / max(seconds, 1e-9), 1),
     }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
-    metrics = MetricsWriter(out / "metrics.jsonl")
+    out.write_manifest(manifest)
+    metrics = rd.metrics("prep")
     metrics.write(**{k: v for k, v in manifest.items() if k != "shards"})
     metrics.close()
     summary = {
@@ -305,16 +297,16 @@ def prep(cfg: RunConfig) -> dict[str, Any]:
         "vocab_size": manifest["vocab_size"],
         "seconds": manifest["seconds"],
         "tokens_per_second": manifest["tokens_per_second"],
-        "data_dir": str(out),
+        "data_dir": str(out.dir),
     }
-    write_summary(out, summary)
+    rd.write_summary("prep", summary)
     return summary
 
 
-def _pack_stream(tokens: Any, dcfg: DataConfig, out: Path, eos_id: int) -> dict[str, Any]:
+def _pack_stream(tokens: Any, dcfg: DataConfig, out: PackedData, eos_id: int) -> dict[str, Any]:
     block_len = dcfg.seq_len + 1
     eos = eos_id if dcfg.keep_doc_boundaries else None
-    packers = {s: Packer(ShardWriter(out, s, block_len, dcfg.shard_rows, eos)) for s in SPLITS}
+    packers = {s: Packer(out.writer(s, block_len), dcfg.shard_rows, eos) for s in SPLITS}
     dropped: Counter[str] = Counter()
     notes: Counter[str] = Counter()
     read = kept = 0
@@ -390,20 +382,3 @@ def _near_duplicate(lsh: Any, key: str, sig: bytes) -> str:
         return "near_duplicate"
     lsh.insert(key, m)
     return ""
-
-
-def read_blocks(split_dir: str | Path) -> Any:
-    """A split's packed blocks as a Ray Data dataset, rows in file order whatever the driver's
-    context says: train's exact resume and eval's ``max_batches`` both mean "the first rows"."""
-    import ray.data
-
-    ds = ray.data.read_parquet(str(split_dir), file_extensions=["parquet"])
-    ds.context.execution_options.preserve_order = True
-    return ds
-
-
-def load_manifest(data_dir: str | Path) -> dict[str, Any]:
-    p = Path(data_dir) / MANIFEST
-    if not p.is_file():
-        raise DataError(f"{p} not found: run `rayllm prep` first or set train.data_dir to a prep folder")
-    return json.loads(p.read_text(encoding="utf-8"))

@@ -1,0 +1,110 @@
+"""Building a plain Hugging Face causal LM from the config or a local folder, its context length and
+its FLOPs per token.
+
+Model code stays plain transformers: precision, ZeRO, offload, activation checkpointing and compile
+are applied by ``rayllm.train.parallel`` (as torchtitan keeps parallelism apart from its models).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from rayllm.config import ModelConfig
+from rayllm.errors import ConfigError
+
+
+def _pad_vocab(n: int, multiple: int = 64) -> int:
+    """Embedding rows rounded up: matmuls on multiples of 64 run faster on every accelerator."""
+    return (n + multiple - 1) // multiple * multiple
+
+
+def model_config(cfg: ModelConfig, vocab_size: int, eos_id: int, pad_id: int) -> Any:
+    """The transformers config object for ``cfg`` (from its folder when ``cfg.path`` is set)."""
+    from transformers import AutoConfig, GPT2Config, LlamaConfig
+
+    if cfg.path:
+        if not os.path.isdir(cfg.path):
+            raise ConfigError(f"model.path: {cfg.path} is not a folder with a Hugging Face model")
+        hf = AutoConfig.from_pretrained(cfg.path)
+        if getattr(hf, "vocab_size", 0) < vocab_size:
+            raise ConfigError(
+                f"model.path: {cfg.path} has vocab_size={hf.vocab_size} but the data's tokenizer has "
+                f"{vocab_size} tokens; prep with this model's tokenizer (data.tokenizer.path={cfg.path})"
+            )
+        return hf
+    vocab = _pad_vocab(vocab_size)
+    if cfg.family == "gpt2":
+        return GPT2Config(
+            vocab_size=vocab,
+            n_positions=cfg.max_positions,
+            n_embd=cfg.d_model,
+            n_layer=cfg.n_layer,
+            n_head=cfg.n_head,
+            n_inner=cfg.d_ff,
+            resid_pdrop=cfg.dropout,
+            embd_pdrop=cfg.dropout,
+            attn_pdrop=cfg.dropout,
+            bos_token_id=eos_id,
+            eos_token_id=eos_id,
+            pad_token_id=pad_id,
+            tie_word_embeddings=cfg.tie_embeddings,
+        )
+    return LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=cfg.d_model,
+        intermediate_size=cfg.d_ff or _pad_vocab(int(8 * cfg.d_model / 3), 64),
+        num_hidden_layers=cfg.n_layer,
+        num_attention_heads=cfg.n_head,
+        num_key_value_heads=cfg.n_kv_head or cfg.n_head,
+        max_position_embeddings=cfg.max_positions,
+        attention_dropout=cfg.dropout,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        tie_word_embeddings=cfg.tie_embeddings,
+    )
+
+
+def context_length(hf_config: Any, tokenizer: Any = None) -> int:
+    """Positions the model can attend over: what train checks ``seq_len`` against and serve checks
+    prompts against. The config's own field first, then the tokenizer's ``model_max_length``."""
+    text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length"):
+        value = getattr(text, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and 0 < limit < 1_000_000:
+        return limit
+    raise ConfigError(
+        f"cannot tell the context length of this {getattr(text, 'model_type', 'model')}: its config.json "
+        "has no max_position_embeddings (or n_positions); add one"
+    )
+
+
+def build_model(cfg: ModelConfig, hf_config: Any) -> Any:
+    """A fresh model from ``hf_config``, or the pretrained weights when ``cfg.path`` is set."""
+    from transformers import AutoModelForCausalLM
+
+    if cfg.path:
+        return AutoModelForCausalLM.from_pretrained(cfg.path, attn_implementation=cfg.attention)
+    return AutoModelForCausalLM.from_config(hf_config, attn_implementation=cfg.attention)
+
+
+def flops_per_token(hf_config: Any, n_params: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the matmuls plus 12*L*d*T for attention (PaLM appendix B)."""
+    layers = getattr(hf_config, "num_hidden_layers", None) or hf_config.n_layer
+    d = getattr(hf_config, "hidden_size", None) or hf_config.n_embd
+    return 6.0 * n_params + 12.0 * layers * d * seq_len
+
+
+def count_params(model: Any, exclude_embeddings: bool = True) -> int:
+    """Parameters that do matmul work per token: the input embedding lookup is not a matmul."""
+    total = sum(p.numel() for p in model.parameters())
+    if exclude_embeddings:
+        emb = model.get_input_embeddings().weight
+        tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is emb
+        if not tied:
+            total -= emb.numel()
+    return total

@@ -1,0 +1,354 @@
+"""The run directory: the one contract between stages.
+
+Stages never import each other; they meet here. This module alone knows where a run's files live
+and how they are laid out:
+
+```
+<run_dir>/
+  <stage>/config.yaml  stage.log  metrics.jsonl  summary.json     every stage
+  prep/manifest.json  prep/tokenizer/  prep/{train,val}/shard-NNNNN.parquet   packed data
+  train/ray/train/checkpoint_*/                                     Ray Train storage (train.storage)
+      ckpt/ (DeepSpeed shards)  rayllm_state.json  rng_rank<r>.pt  config.json
+  train/export/                                                     plain Hugging Face folder
+  tune/best.yaml  tune/trials/
+  run/state.json                                                    `rayllm run` fingerprints
+```
+
+Packed data may come from another run (``train.data_dir``) and checkpoints may live on any pyarrow
+URI (``train.storage``); ``RunDir.of(cfg)`` resolves both, so a change to a layout touches this file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from rayllm.config import RunConfig, validate_config
+from rayllm.errors import RunDirError
+from rayllm.runtime import filesystem, is_uri
+
+log = logging.getLogger("rayllm")
+
+CONFIG, LOG, METRICS, SUMMARY = "config.yaml", "stage.log", "metrics.jsonl", "summary.json"
+SPLITS = ("train", "val")
+MANIFEST = "manifest.json"
+TOKENIZER = "tokenizer"
+# Packed-data columns: fixed-size int32 lists of block_len = seq_len + 1 tokens (inputs + shifted label).
+INPUT_IDS = "input_ids"
+POSITION_IDS = "position_ids"  # restart after each EOS: attention does not cross documents
+LOSS_MASK = "loss_mask"  # 1 where the token is a training target (SFT: the answer), 0 elsewhere
+ROW_GROUP = 1024
+# Ray Train storage: <storage>/<TRAIN_RUN>/checkpoint_*/, registered in the manager snapshot.
+TRAIN_RUN = "train"
+CKPT_TAG = "ckpt"
+STATE_FILE = "rayllm_state.json"
+EXPORT_INFO = "rayllm_export.json"
+
+
+def rng_file(rank: int) -> str:
+    return f"rng_rank{rank}.pt"
+
+
+# ------------------------------------------------------------------------------------- stage files
+class MetricsWriter:
+    """Append-only jsonl; each line has ``time`` and the metrics, flushed so a crash loses nothing."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = path.open("a", encoding="utf-8")
+
+    def write(self, **metrics: Any) -> None:
+        self._f.write(json.dumps({"time": round(time.time(), 3), **metrics}, default=float) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def write_json(path: Path, data: Any) -> Path:
+    """Write-then-rename: a reader never sees half a file, also when the writer is killed."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def _log_to(path: Path) -> None:
+    """One file handler per stage log on the ``rayllm`` logger (the console stays quiet)."""
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    if any(getattr(h, "baseFilename", None) == str(path) for h in log.handlers):
+        return
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    log.addHandler(handler)
+
+
+# ------------------------------------------------------------------------------------ packed data
+class Manifest(BaseModel):
+    """``prep/manifest.json``: what train and eval need from the packed data, plus prep's accounting."""
+
+    model_config = ConfigDict(extra="allow")
+
+    vocab_size: int
+    eos_id: int
+    pad_id: int
+    seq_len: int
+    block_len: int
+    blocks: dict[str, int]
+    columns: list[str] = [INPUT_IDS]
+    tokenizer_hash: str = ""
+
+    def split_gb(self, split: str) -> float:
+        return self.blocks[split] * self.block_len * 4 * len(self.columns) / 2**30
+
+
+class ShardWriter:
+    """Writes ``<dir>/<split>/shard-NNNNN.parquet``: one int32 block column per packed-data column.
+
+    Each shard is written to a temporary name and renamed once complete, and its sha256 lands in the
+    manifest: a killed prep never leaves a half-written shard for train to read.
+    """
+
+    def __init__(self, split_dir: Path, block_len: int) -> None:
+        self.dir = split_dir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.split = split_dir.name
+        self.block_len = block_len
+        self.shards: list[dict[str, Any]] = []
+
+    def write(self, columns: dict[str, np.ndarray]) -> None:
+        rows = next(iter(columns.values())).shape[0]
+        table = pa.table({name: self._column(values) for name, values in columns.items()})
+        path = self.dir / f"shard-{len(self.shards):05d}.parquet"
+        tmp = path.with_name(path.name + ".tmp")
+        pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP, write_statistics=False)
+        tmp.replace(path)
+        self.shards.append(
+            {
+                "path": f"{self.split}/{path.name}",
+                "split": self.split,
+                "rows": int(rows),
+                "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+            }
+        )
+
+    def _column(self, blocks: np.ndarray) -> pa.FixedSizeListArray:
+        return pa.FixedSizeListArray.from_arrays(
+            pa.array(blocks.reshape(-1), type=pa.int32()), self.block_len
+        )
+
+
+@dataclass(frozen=True)
+class PackedData:
+    """A prep output folder: manifest, tokenizer folder and the packed splits."""
+
+    dir: Path
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.dir / MANIFEST
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.dir / TOKENIZER
+
+    def split_dir(self, split: str) -> Path:
+        return self.dir / split
+
+    def clear(self) -> None:
+        """Remove a previous prep's outputs (a re-run must not mix old shards with new ones)."""
+        for name in (*SPLITS, MANIFEST, SUMMARY, TOKENIZER):
+            p = self.dir / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+
+    def writer(self, split: str, block_len: int) -> ShardWriter:
+        return ShardWriter(self.split_dir(split), block_len)
+
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
+        write_json(self.manifest_path, manifest)
+
+    def manifest(self) -> Manifest:
+        p = self.manifest_path
+        if not p.is_file():
+            raise RunDirError(
+                f"{p} not found: run `rayllm prep` first or set train.data_dir to a prep folder"
+            )
+        try:
+            return Manifest.model_validate_json(p.read_bytes())
+        except ValidationError as e:
+            field = ".".join(str(x) for x in e.errors()[0]["loc"])
+            raise RunDirError(f"{p}: not a rayllm prep manifest ({field}: {e.errors()[0]['msg']})") from None
+
+    def raw_manifest(self) -> dict[str, Any]:
+        return json.loads(self.manifest_path.read_text(encoding="utf-8"))
+
+    def require(self, split: str) -> Path:
+        d = self.split_dir(split)
+        if not d.is_dir():
+            raise RunDirError(f"{d} not found: run `rayllm prep` (with data.val_fraction > 0) first")
+        return d
+
+    def read(self, split: str) -> Any:
+        """A split's packed blocks as a Ray Data dataset, rows in file order whatever the driver's
+        context says: train's exact resume and eval's ``max_batches`` both mean "the first rows"."""
+        import ray.data
+
+        ds = ray.data.read_parquet(str(self.require(split)), file_extensions=["parquet"])
+        ds.context.execution_options.preserve_order = True
+        return ds
+
+
+# --------------------------------------------------------------------------------- the run dir
+@dataclass(frozen=True)
+class RunDir:
+    """Every path a run's stages exchange, resolved once from the config."""
+
+    root: Path
+    data: PackedData
+    storage: str  # Ray Train storage: a local path or a pyarrow URI
+
+    @classmethod
+    def of(cls, cfg: RunConfig) -> RunDir:
+        if is_uri(cfg.run_dir):
+            raise RunDirError(
+                f"run_dir {cfg.run_dir}: stage outputs need a local or mounted path; "
+                "cloud URIs are used for train checkpoints via train.storage"
+            )
+        root = Path(cfg.run_dir).expanduser().resolve()
+        data = Path(cfg.train.data_dir).expanduser().resolve() if cfg.train.data_dir else root / "prep"
+        return cls(root, PackedData(data), cfg.train.storage or str(root / "train" / "ray"))
+
+    @classmethod
+    def load(cls, run_dir: str) -> RunDir:
+        """A run dir as its train stage saw it (its saved config), for `rayllm export` and status."""
+        saved = Path(run_dir).expanduser() / "train" / CONFIG
+        raw = yaml.safe_load(saved.read_text(encoding="utf-8")) if saved.is_file() else {}
+        return cls.of(validate_config({**(raw or {}), "run_dir": run_dir}, origin=str(saved)))
+
+    # ------------------------------------------------------------------------------ stage files
+    def stage(self, name: str, create: bool = True) -> Path:
+        d = self.root / name
+        if create:
+            d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def start_stage(self, cfg: RunConfig, name: str) -> Path:
+        """Create the stage folder, save the resolved config, and log the stage to its ``stage.log``."""
+        d = self.stage(name)
+        (d / CONFIG).write_text(
+            yaml.safe_dump(cfg.dump(), sort_keys=False, allow_unicode=True), encoding="utf-8"
+        )
+        _log_to(d / LOG)
+        log.info("%s: run_dir=%s", name, self.root)
+        return d
+
+    def write_summary(self, name: str, summary: dict[str, Any]) -> Path:
+        log.info("%s summary: %s", name, json.dumps(summary, ensure_ascii=False, default=str))
+        return write_json(self.stage(name) / SUMMARY, summary)
+
+    def summary(self, name: str) -> dict[str, Any] | None:
+        p = self.stage(name, create=False) / SUMMARY
+        return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else None
+
+    def read_summary(self, name: str) -> dict[str, Any]:
+        s = self.summary(name)
+        if s is None:
+            raise RunDirError(
+                f"{self.root / name / SUMMARY} not found: run `rayllm {name}` for this run dir first"
+            )
+        return s
+
+    def metrics(self, name: str) -> MetricsWriter:
+        return MetricsWriter(self.stage(name) / METRICS)
+
+    def read_metrics(self, name: str) -> list[dict[str, Any]]:
+        return read_jsonl(self.stage(name, create=False) / METRICS)
+
+    # ------------------------------------------------------------------------------ checkpoints
+    @property
+    def export_dir(self) -> Path:
+        return self.root / "train" / "export"
+
+    def latest_checkpoint(self) -> Any:
+        """The newest checkpoint Ray Train registered (never a half-written one), or None."""
+        from ray.train import Checkpoint
+
+        fs, root = filesystem(self.storage)
+        snapshot = f"{root}/{TRAIN_RUN}/checkpoint_manager_snapshot.json"
+        if fs.get_file_info(snapshot).type == pafs.FileType.NotFound:
+            return None
+        with fs.open_input_stream(snapshot) as f:
+            latest = json.loads(f.read()).get("latest_checkpoint_result")
+        if not latest:
+            return None
+        return Checkpoint(path=f"{root}/{TRAIN_RUN}/{latest['checkpoint_dir_name']}", filesystem=fs)
+
+    def clear_checkpoints(self) -> None:
+        """``train.resume: false``: forget the previous run's checkpoints, wherever they live."""
+        fs, root = filesystem(self.storage)
+        if fs.get_file_info(f"{root}/{TRAIN_RUN}").type != pafs.FileType.NotFound:
+            fs.delete_dir(f"{root}/{TRAIN_RUN}")
+
+    def model_dir(self, explicit: str | None, field: str) -> str:
+        """The model a stage loads: ``field`` when set, else the run's export (train ``export_dir``)."""
+        if explicit:
+            return model_folder(Path(explicit).expanduser(), f"{field}={explicit}", field)
+        raw = self.read_summary("train").get("export_dir") or ""
+        origin = f"{self.root}/train/{SUMMARY} export_dir"
+        if not raw:
+            raise RunDirError(
+                f"{origin} is empty: the train stage exported no model (train.export=false?); "
+                f"run `rayllm train` with train.export=true, `rayllm export`, or set {field}"
+            )
+        path = Path(raw).expanduser()
+        if not path.is_absolute() and not path.exists():
+            path = self.root / path
+        return model_folder(path, f"{origin}={raw}", field)
+
+
+def model_folder(path: Path, origin: str, field: str = "model_dir") -> str:
+    """``path`` if it is a Hugging Face model folder, else one line naming ``field``."""
+    if not (path / "config.json").is_file():
+        raise RunDirError(
+            f"{origin}: not a Hugging Face model folder (no config.json in {path.resolve()}); "
+            f"point {field} at a folder written by save_pretrained"
+        )
+    return str(path.resolve())
+
+
+# ----------------------------------------------------------------------------- checkpoint files
+def write_checkpoint_state(d: Path, state: dict[str, Any]) -> None:
+    (d / STATE_FILE).write_text(json.dumps(state), encoding="utf-8")
+
+
+def read_checkpoint_state(d: Path) -> dict[str, Any]:
+    p = d / STATE_FILE
+    if not p.is_file() or not (d / CKPT_TAG).is_dir():
+        raise RunDirError(f"{d}: not a rayllm train checkpoint (no {STATE_FILE} and {CKPT_TAG}/ in it)")
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise RunDirError(f"{p}: corrupt checkpoint state ({e.msg})") from None

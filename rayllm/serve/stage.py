@@ -1,0 +1,127 @@
+"""serve stage: the run's exported model behind an OpenAI-compatible HTTP API on Ray Serve.
+
+``start(cfg)`` deploys and returns the base URL (clients use ``<url>/v1``), ``run(cfg)`` does the same
+and blocks until Ctrl-C / SIGTERM, ``shutdown()`` stops Serve. ``deployment.app_builder`` gives the
+Serve application itself, for ``serve run`` / ``serve deploy`` and Serve config files
+(``examples/configs/serve.yaml``).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from datetime import datetime, timezone
+from types import FrameType
+from typing import Any
+
+import httpx
+
+from rayllm.config import RunConfig
+from rayllm.errors import RayllmError
+from rayllm.rundir import RunDir
+from rayllm.runtime import init_ray, ray_session
+from rayllm.serve.deployment import APP_NAME, build_app, model_name, resolve_model_dir
+
+log = logging.getLogger("rayllm.serve")
+
+READY_TIMEOUT_S = 180.0
+
+
+def start(cfg: RunConfig) -> str:
+    """Deploy the model on ``cfg.serve.host:port`` without blocking; returns once it answers ``/health``.
+
+    Writes ``<run_dir>/serve/summary.json`` (url, model, ...). Ray is joined or started from
+    ``cfg.cluster`` and left running: call ``shutdown()`` (and ``ray.shutdown()``) when done.
+    """
+    from ray import serve as ray_serve
+
+    s = cfg.serve
+    model_dir = resolve_model_dir(s, cfg.run_dir)
+    init_ray(cfg.cluster, use_gpu=s.gpus_per_replica > 0)
+    ray_serve.start(http_options={"host": s.host, "port": s.port})
+    ray_serve.run(build_app(s, model_dir), name=APP_NAME, route_prefix="/", blocking=False)
+    client_host = "127.0.0.1" if s.host in ("0.0.0.0", "::", "") else s.host
+    url = f"http://{client_host}:{s.port}"
+    health = _wait_healthy(url)
+    rd = RunDir.of(cfg)
+    rd.start_stage(cfg, "serve")
+    rd.write_summary(
+        "serve",
+        {
+            "url": url,
+            "openai_base_url": f"{url}/v1",
+            "model": model_name(s, model_dir),
+            "model_dir": model_dir,
+            "max_context": health.get("max_context"),
+            "replicas": s.replicas.model_dump(),
+            "max_batch": s.max_batch,
+            "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        },
+    )
+    log.info("serving %s at %s/v1", model_name(s, model_dir), url)
+    return url
+
+
+def shutdown() -> None:
+    """Stop every Serve application and Serve itself (Ray keeps running)."""
+    from ray import serve as ray_serve
+
+    ray_serve.shutdown()
+
+
+def run(cfg: RunConfig) -> dict[str, Any]:
+    """``start``, block until Ctrl-C or SIGTERM, then shut Serve (and a Ray it started) down."""
+    with ray_session(cfg.cluster, use_gpu=cfg.serve.gpus_per_replica > 0):
+        start(cfg)
+        try:
+            _wait_for_stop_signal()
+        finally:
+            shutdown()
+    rd = RunDir.of(cfg)
+    summary = rd.read_summary("serve")
+    summary["stopped_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    rd.write_summary("serve", summary)
+    return summary
+
+
+def _wait_for_stop_signal() -> None:
+    """Block until SIGINT or SIGTERM; installed after ``ray.init``, whose SIGTERM handler exits at once."""
+    stop = threading.Event()
+
+    def _on_signal(signum: int, _: FrameType | None) -> None:
+        log.info("received %s, shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, _on_signal)
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _wait_healthy(url: str, timeout_s: float = READY_TIMEOUT_S) -> dict[str, Any]:
+    """Poll ``/health`` until the HTTP proxy routes to a ready replica."""
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    with httpx.Client(timeout=5.0, trust_env=False) as client:
+        while time.monotonic() < deadline:
+            try:
+                r = client.get(f"{url}/health")
+                if r.status_code == 200:
+                    return r.json()
+                last = f"HTTP {r.status_code}: {r.text[:200]}"
+            except httpx.HTTPError as e:
+                last = f"{type(e).__name__}: {e}"
+            time.sleep(0.5)
+    raise RayllmError(
+        f"the model server at {url} did not become healthy within {timeout_s:.0f} s ({last}); if Serve "
+        "was already running on another port, run `serve shutdown` first; replica logs are under "
+        "/tmp/ray/session_latest/logs/serve"
+    )

@@ -1,0 +1,81 @@
+"""The one table of stages: the CLI verbs, the Ray job entrypoint and `rayllm run` all read it.
+
+Every stage is a module with one entry function, ``run(cfg: RunConfig) -> dict``, that writes
+``<run_dir>/<name>/`` and returns the summary it wrote there. Rows are in pipeline order.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from rayllm.config import RunConfig
+from rayllm.errors import RayllmError
+
+ENTRY = "run"
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    module: str  # holds ``run(cfg)``
+    library: str  # the Ray library doing the work
+    help: str
+    summary_keys: tuple[str, ...]  # headline figures of its summary.json, in display order
+
+    @property
+    def entry(self) -> Callable[..., dict[str, Any]]:
+        return getattr(importlib.import_module(self.module), ENTRY)
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage(
+        "prep",
+        "rayllm.prep.stage",
+        "Ray Data",
+        "Read, clean, dedup, build the vocabulary, tokenize and pack text into parquet blocks.",
+        ("documents_kept", "tokens", "blocks", "vocab_size", "tokens_per_second"),
+    ),
+    Stage(
+        "tune",
+        "rayllm.tune",
+        "Ray Tune",
+        "Search optimizer / learning-rate settings with Ray Tune and ASHA early stopping.",
+        ("trials", "trials_stopped_early", "best_value", "best_params"),
+    ),
+    Stage(
+        "train",
+        "rayllm.train.stage",
+        "Ray Train + DeepSpeed",
+        "Train with Ray Train + DeepSpeed ZeRO; resumes from the run's last checkpoint; exports HF weights.",
+        ("steps", "val_loss_last", "tokens_per_second", "mfu", "export_dir"),
+    ),
+    Stage(
+        "eval",
+        "rayllm.eval.stage",
+        "Ray Data",
+        "Perplexity and token accuracy of the exported model on the validation split.",
+        ("loss", "perplexity", "token_accuracy"),
+    ),
+    Stage(
+        "serve",
+        "rayllm.serve.stage",
+        "Ray Serve",
+        "Serve the exported model over an OpenAI-compatible HTTP API (Ray Serve) until Ctrl-C.",
+        ("url", "model"),
+    ),
+)
+NAMES = tuple(s.name for s in STAGES)
+
+
+def get(name: str) -> Stage:
+    for s in STAGES:
+        if s.name == name:
+            return s
+    raise RayllmError(f"unknown stage {name!r}: choose one of {', '.join(NAMES)}")
+
+
+def run_stage(name: str, cfg: RunConfig) -> dict[str, Any]:
+    return get(name).entry(cfg)

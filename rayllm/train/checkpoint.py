@@ -1,0 +1,113 @@
+"""Checkpoints of one rank: DeepSpeed's shards, the RNG streams, and what makes a resume exact.
+
+Every rank writes its own shard into the same Ray Train checkpoint (not only rank 0's). A checkpoint
+taken at another data-parallel world size is converted with DeepSpeed's universal-checkpoint tool
+before loading, so resuming after a resize never burns a retry on a world-size mismatch. File names
+and the state file's format belong to ``rayllm.rundir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rayllm.rundir import CKPT_TAG, read_checkpoint_state, rng_file, write_checkpoint_state
+
+# Marker in DeepSpeed's client state that lets ds_to_universal reshard the checkpoint later.
+UNIVERSAL_INFO = "universal_checkpoint_info"
+
+
+@dataclass
+class TrainState:
+    """What, beyond DeepSpeed's own shards, makes a resume exact."""
+
+    step: int = 0
+    epoch: int = 0
+    samples_in_epoch: int = 0
+    tokens_seen: int = 0
+    world: int = 0
+    zero_stage: int = 0
+
+
+def read_state(ckpt: Any) -> TrainState:
+    """The ``TrainState`` of a Ray Train checkpoint (downloaded first when it is remote)."""
+    with ckpt.as_directory() as d:
+        return TrainState(**read_checkpoint_state(Path(d)))
+
+
+def save(engine: Any, state: TrainState, rank: int, hf_config: Any, metrics: dict[str, Any]) -> None:
+    """Write this rank's shard, RNG streams and (rank 0) the state, then report it to Ray Train."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as d:
+        client = {"rayllm": asdict(state), UNIVERSAL_INFO: {"universal_checkpoint_version": 0.4}}
+        engine.save_checkpoint(d, tag=CKPT_TAG, client_state=client)
+        torch.save(_rng_state(), Path(d) / rng_file(rank))
+        if rank == 0:
+            write_checkpoint_state(Path(d), asdict(state))
+            hf_config.save_pretrained(d)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def restore(engine: Any, ckpt: Any, saved: TrainState, rank: int, world: int) -> None:
+    """Load DeepSpeed's shards (resharded when the world size changed) and this rank's RNG streams."""
+    with ckpt.as_directory() as d, tempfile.TemporaryDirectory() as tmp:
+        load_dir, tag = Path(d), CKPT_TAG
+        if needs_reshard(saved, world):
+            load_dir, tag = _to_universal(Path(d), Path(tmp)), f"{CKPT_TAG}_universal"
+        path, _ = engine.load_checkpoint(
+            str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {load_dir}/{tag}")
+        # RNG streams (dropout) continue per rank when the world size is unchanged; after a resize
+        # ranks map to different data, so fresh seeded streams are as good.
+        rng = Path(d) / rng_file(rank)
+        if saved.world == world and rng.is_file():
+            _set_rng_state(torch.load(rng, weights_only=False))
+
+
+def needs_reshard(saved: TrainState | None, world: int) -> bool:
+    """ZeRO shards optimizer state by data-parallel rank: another world size needs a conversion."""
+    return saved is not None and saved.world != world and saved.zero_stage > 0
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_universal(ckpt_dir: Path, tmp: Path) -> Path:
+    """Convert a ZeRO checkpoint to DeepSpeed's universal format, loadable at any DP world size."""
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    out = tmp / "universal"
+    out.mkdir()
+    args = argparse.Namespace(
+        input_folder=str(ckpt_dir / CKPT_TAG),
+        output_folder=str(out / f"{CKPT_TAG}_universal"),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,
+    )
+    ds_to_universal(args)
+    return out
