@@ -335,6 +335,12 @@ class ReplicaConfig(Strict):
     target_ongoing_requests: PositiveFloat = Field(
         8.0, description="autoscaling aims at this many requests in flight per replica"
     )
+    upscale_delay_s: Annotated[float, Field(ge=0)] = Field(
+        30.0, description="load must stay above the target this long before a replica is added"
+    )
+    downscale_delay_s: Annotated[float, Field(ge=0)] = Field(
+        600.0, description="load must stay below the target this long before a replica is removed"
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> ReplicaConfig:

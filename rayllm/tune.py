@@ -126,6 +126,10 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                 "error": str(r.error).splitlines()[0] if r.error else None,
             }
         )
+    metrics = rd.metrics("tune")
+    for t in trials:
+        metrics.write(**t)
+    metrics.close()
     scored = [t for t in trials if t[tc.metric] is not None]
     if not scored:
         raise RuntimeError(f"no trial reported {tc.metric}: {[t['error'] for t in trials]}")

@@ -87,6 +87,8 @@ def build_app(serve_cfg: ServeConfig, model_dir: str) -> Application:
             "initial_replicas": max(replicas.min, 1),
             "max_replicas": replicas.max,
             "target_ongoing_requests": replicas.target_ongoing_requests,
+            "upscale_delay_s": replicas.upscale_delay_s,
+            "downscale_delay_s": replicas.downscale_delay_s,
         },
         max_ongoing_requests=serve_cfg.max_ongoing_requests,
         ray_actor_options={

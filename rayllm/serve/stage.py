@@ -60,6 +60,9 @@ def start(cfg: RunConfig) -> str:
             "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         },
     )
+    metrics = rd.metrics("serve")
+    metrics.write(event="started", url=url, **health)
+    metrics.close()
     log.info("serving %s at %s/v1", model_name(s, model_dir), url)
     return url
 
@@ -73,15 +76,23 @@ def shutdown() -> None:
 
 def run(cfg: RunConfig) -> dict[str, Any]:
     """``start``, block until Ctrl-C or SIGTERM, then shut Serve (and a Ray it started) down."""
+    rd = RunDir.of(cfg)
     with ray_session(cfg.cluster, use_gpu=cfg.serve.gpus_per_replica > 0):
-        start(cfg)
+        url = start(cfg)
         try:
             _wait_for_stop_signal()
+            # What one replica served (its engine's counters), before it goes away.
+            with httpx.Client(timeout=5.0, trust_env=False) as client:
+                stats = {k: v for k, v in client.get(f"{url}/health").json().items() if isinstance(v, int)}
+        except httpx.HTTPError as e:
+            stats = {"health_error": str(e)}
         finally:
             shutdown()
-    rd = RunDir.of(cfg)
-    summary = rd.read_summary("serve")
+    summary = {**rd.read_summary("serve"), **stats}
     summary["stopped_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    metrics = rd.metrics("serve")
+    metrics.write(event="stopped", **stats)
+    metrics.close()
     rd.write_summary("serve", summary)
     return summary
 
