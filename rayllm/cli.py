@@ -16,10 +16,11 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from rayllm.config import RunConfig, load_config
-from rayllm.errors import find_user_error
+from rayllm.errors import find_user_error, one_line
 from rayllm.stages import NAMES, STAGES, Stage
 
 app = typer.Typer(
@@ -58,7 +59,7 @@ def _run(fn: Callable[[], Any]) -> Any:
         user = find_user_error(e)
         if user is None:
             raise
-        console.print(f"[bold red]error:[/] {user}", markup=True, highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(one_line(user))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 
@@ -97,11 +98,15 @@ for _stage in STAGES:
 def export(
     run_dir: Annotated[str, typer.Argument(help="Run directory with train checkpoints.")],
     out_dir: Annotated[str | None, typer.Option("--out", help="Default: <run_dir>/train/export.")] = None,
+    checkpoint: Annotated[
+        str | None,
+        typer.Option(help="A checkpoint folder (train/ray/train/checkpoint_*) instead of the latest."),
+    ] = None,
 ) -> None:
     """Consolidate the last ZeRO checkpoint (any stage) into a plain Hugging Face safetensors folder."""
     from rayllm.train.export import export_run
 
-    path = _run(lambda: export_run(run_dir, out_dir))
+    path = _run(lambda: export_run(run_dir, out_dir, checkpoint))
     out.print(f"exported {path}")
 
 

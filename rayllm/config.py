@@ -17,6 +17,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -363,8 +364,22 @@ class ServeConfig(Strict):
     batch_wait_ms: Annotated[float, Field(ge=0)] = Field(
         10.0, description="how long a new request waits for others to share its prefill"
     )
-    max_ongoing_requests: PositiveInt = Field(
-        64, description="requests one replica accepts at once; Serve holds the rest at the proxy"
+    max_queue: NonNegInt = Field(
+        64, description="requests waiting for a decode slot per replica; beyond that HTTP 429 + Retry-After"
+    )
+    request_timeout_s: PositiveFloat = Field(
+        300.0, description="a request still generating after this long is cut off (504, or an error event)"
+    )
+    api_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description="bearer tokens a client must send (Authorization: Bearer KEY); saved configs show "
+        "them redacted",
+    )
+    api_keys_file: str | None = Field(
+        None, description="a file with one API key per line (default: the file $RAYLLM_API_KEYS_FILE names)"
+    )
+    allow_unauthenticated: bool = Field(
+        False, description="serve on a non-loopback host without API keys (anyone reaching it can use it)"
     )
     max_n: PositiveInt = Field(16, description="the largest n (choices) one request may ask for")
     max_tokens_limit: PositiveInt = Field(1024, description="the largest max_tokens a request may ask for")
@@ -374,10 +389,25 @@ class ServeConfig(Strict):
         "auto", description="weights' precision; auto: bf16 (fp16) on GPUs, fp32 on CPUs"
     )
 
+    @field_validator("api_keys")
+    @classmethod
+    def _real_keys(cls, keys: list[SecretStr]) -> list[SecretStr]:
+        for k in keys:
+            if not k.get_secret_value().strip() or set(k.get_secret_value()) == {"*"}:
+                raise ValueError(
+                    "an API key is empty or redacted (a saved config shows keys as ****); "
+                    "give the real key, or use serve.api_keys_file"
+                )
+        return keys
+
 
 # ------------------------------------------------------------------------------------------ cluster
 class ClusterConfig(Strict):
-    address: str | None = Field(None, description="Ray address; default: $RAY_ADDRESS, else local")
+    address: str | None = Field(
+        None,
+        description="Ray cluster to join; default: $RAY_ADDRESS, else a head running on this machine, "
+        "else a new local cluster; local: always a new private local cluster",
+    )
     num_cpus: PositiveInt | None = Field(None, description="local cluster only; default: all cores")
     object_store_gb: PositiveFloat | None = Field(None, description="local cluster only")
     dashboard: bool = Field(True, description="local cluster only: start Ray's dashboard (Jobs API, state)")

@@ -7,7 +7,18 @@ from __future__ import annotations
 
 
 class RayllmError(Exception):
-    """Base of every error that is the user's to fix (bad config, bad input, missing files)."""
+    """Base of every error that is the user's to fix (bad config, bad input, missing files).
+
+    ``str()`` is the message it was raised with: Ray Data appends retry advice to the arguments of
+    exceptions it re-raises, which would turn the one line into four.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class ConfigError(RayllmError):
@@ -36,7 +47,9 @@ def find_user_error(exc: BaseException) -> RayllmError | None:
             continue
         seen.add(id(cur))
         if isinstance(cur, RayllmError):
-            return cur
+            # Ray's RayTaskError(DataError) prints the remote traceback; the original prints one line.
+            inner = getattr(cur, "cause", None)
+            return inner if isinstance(inner, RayllmError) else cur
         stack.extend([getattr(cur, "cause", None), cur.__cause__, cur.__context__])
         for attr in ("worker_failures", "errors"):
             more = getattr(cur, attr, None)
@@ -45,3 +58,8 @@ def find_user_error(exc: BaseException) -> RayllmError | None:
             elif isinstance(more, list | tuple):
                 stack.extend(v for v in more if isinstance(v, BaseException))
     return None
+
+
+def one_line(err: BaseException) -> str:
+    """The message on one line (a wrapped library message may span several)."""
+    return " ".join(line.strip() for line in str(err).splitlines() if line.strip())

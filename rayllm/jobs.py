@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 from rayllm import stages
 from rayllm.config import RunConfig, load_config
-from rayllm.errors import ConfigError, RayllmError, find_user_error
+from rayllm.errors import ConfigError, RayllmError, find_user_error, one_line
 from rayllm.runtime import is_uri, worker_env
 
 if TYPE_CHECKING:
@@ -351,7 +351,7 @@ def entrypoint(argv: list[str] | None = None) -> int:
         user = find_user_error(e)
         if user is None:
             raise
-        print(f"error: {user}", file=sys.stderr, flush=True)
+        print(f"error: {one_line(user)}", file=sys.stderr, flush=True)
         return 2
     print(json.dumps(summary, indent=2, ensure_ascii=False, default=str), flush=True)
     return 0

@@ -10,12 +10,13 @@ import contextlib
 import importlib.util
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from rayllm.config import ClusterConfig
-from rayllm.errors import DataError
+from rayllm.errors import DataError, RayllmError
 
 log = logging.getLogger("rayllm")
 
@@ -52,18 +53,25 @@ def apply_env(cfg: ClusterConfig, use_gpu: bool = False) -> None:
 
 
 def init_ray(cfg: ClusterConfig, use_gpu: bool = False) -> bool:
-    """Connect to ``cfg.address`` / ``$RAY_ADDRESS``, else start a local Ray sized to this machine.
+    """Join a Ray cluster or start a local one, following Ray's own convention.
 
+    ``cluster.address`` (or ``$RAY_ADDRESS``) names a cluster to join; ``local`` always starts a
+    private one; with neither, a head that ``ray start --head`` left running on this machine is
+    joined (said in one line), else a local Ray sized to this machine is started.
     Returns True when this call started Ray (and so the caller must shut it down).
     """
     import ray
 
     apply_env(cfg, use_gpu)
     if ray.is_initialized():
+        _configure_ray_data(cfg)
         return False
     if not cfg.verbose:
         logging.getLogger("ray").setLevel(logging.ERROR)
-    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    origin = "cluster.address" if cfg.address else "$RAY_ADDRESS"
+    address = cfg.address or os.environ.get("RAY_ADDRESS") or _running_head()
+    if address == "local":
+        address = None
     # Workers of a Ray this process starts inherit its environment (set just above); a runtime env
     # would only make Ray start fresh workers for it (~1 s). Joining a cluster needs the env vars.
     runtime_env: dict[str, Any] = {"env_vars": worker_env(cfg, use_gpu)} if address else {}
@@ -80,27 +88,72 @@ def init_ray(cfg: ClusterConfig, use_gpu: bool = False) -> bool:
         common.pop("runtime_env")
     if address:
         # Resources can only be given when starting a cluster, not when joining one.
-        ray.init(address=address, **common)
+        try:
+            ray.init(address=address, **common)
+        except ConnectionError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise RayllmError(
+                f"cannot join the Ray cluster at {address} ({origin}): {first}; is its head up, and is this "
+                "the GCS address (port 6379 by default)? cluster.address=local starts a private cluster"
+            ) from None
     else:
         store = int(cfg.object_store_gb * 2**30) if cfg.object_store_gb else None
         ray.init(
+            address="local",  # never Ray's own search for a running head: that was decided above
             num_cpus=cfg.num_cpus or os.cpu_count(),
             object_store_memory=store,
             include_dashboard=cfg.dashboard,
             **common,
         )
-    _quiet_ray()
+    _configure_ray_data(cfg)
+    for name in ("ray.data", "ray.train", "ray.tune", "ray.serve"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     return True
 
 
-def _quiet_ray() -> None:
+def _running_head() -> str | None:
+    """The head ``ray start --head`` left running on this machine (Ray's current-cluster file), if
+    it answers; a file left behind by a head that died is ignored."""
+    import socket
+
+    from ray._private.services import find_bootstrap_address
+
+    address = find_bootstrap_address(None)
+    if not address:
+        return None
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=1.0):
+            pass
+    except (OSError, ValueError):
+        return None
+    print(
+        f"rayllm: joining the Ray head already running at {address} "
+        "(set cluster.address: local for a private cluster)",
+        file=sys.stderr,
+        flush=True,
+    )
+    return address
+
+
+def _configure_ray_data(cfg: ClusterConfig) -> None:
+    """Progress bars on request; user errors raised in Ray Data tasks reach the driver as themselves.
+
+    Ray Data otherwise re-raises every UDF error as ``UserCodeException`` whose cause (our one-line
+    ``DataError``) does not survive the trip to the driver. The driver re-raises what it gets, and
+    the CLI prints it (one line for user errors, the traceback for anything else), so Ray Data's
+    own logging of the same exception is left to ``--verbose``.
+    """
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = os.environ.get("RAYLLM_PROGRESS", "1") == "1"
     ctx.print_on_execution_start = False
-    for name in ("ray.data", "ray.train", "ray.tune", "ray.serve"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    ctx.raise_original_map_exception = True
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
+    if not cfg.verbose:
+        for name in ("ray.data.exceptions", "ray.data._internal.execution.streaming_executor_state"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 @contextlib.contextmanager

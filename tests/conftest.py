@@ -28,7 +28,8 @@ def ray_cluster():
     from rayllm.config import ClusterConfig
     from rayllm.runtime import init_ray
 
-    started = init_ray(ClusterConfig(num_cpus=2, object_store_gb=0.5))
+    # address=local: a private cluster even if a `ray start --head` is running on this machine.
+    started = init_ray(ClusterConfig(address="local", num_cpus=2, object_store_gb=0.5))
     try:
         yield ray
     finally:

@@ -24,9 +24,15 @@ def model_config(cfg: ModelConfig, vocab_size: int, eos_id: int, pad_id: int) ->
     from transformers import AutoConfig, GPT2Config, LlamaConfig
 
     if cfg.path:
-        if not os.path.isdir(cfg.path):
-            raise ConfigError(f"model.path: {cfg.path} is not a folder with a Hugging Face model")
-        hf = AutoConfig.from_pretrained(cfg.path)
+        if not os.path.isfile(os.path.join(cfg.path, "config.json")):
+            raise ConfigError(
+                f"model.path: {cfg.path} is not a Hugging Face model folder (no config.json in it); "
+                "point it at a folder written by save_pretrained or `rayllm export`"
+            )
+        try:
+            hf = AutoConfig.from_pretrained(cfg.path)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"model.path: cannot read {cfg.path}/config.json: {e}") from None
         if getattr(hf, "vocab_size", 0) < vocab_size:
             raise ConfigError(
                 f"model.path: {cfg.path} has vocab_size={hf.vocab_size} but the data's tokenizer has "

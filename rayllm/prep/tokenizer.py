@@ -59,6 +59,12 @@ def load_tokenizer(path: str, cfg: TokenizerConfig, out_dir: Path) -> Any:
     """Copy a local HF tokenizer folder into the run dir, keeping its own special tokens; returns
     the loaded tokenizer (as ``train_tokenizer`` does). ``prep`` checks the folder exists before
     Ray starts; anything else unloadable is reported here."""
+    folder = Path(path)
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        raise DataError(
+            f"data.tokenizer.path: cannot load a tokenizer from {path}: no tokenizer.json or "
+            "tokenizer_config.json in it (point it at a folder written by save_pretrained)"
+        )
     try:
         hf = hf_tokenizer(path)
     except (OSError, ValueError) as e:

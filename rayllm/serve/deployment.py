@@ -9,6 +9,8 @@ of up to ``serve.max_batch`` sequences; replicas scale between ``serve.replicas.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,7 @@ from ray import serve
 from ray.serve import Application
 
 from rayllm.config import RunConfig, ServeConfig, validate_config
-from rayllm.errors import RunDirError
+from rayllm.errors import ConfigError, RunDirError
 from rayllm.rundir import RunDir, model_folder
 from rayllm.runtime import worker_env
 from rayllm.serve.engine import Engine, GenerationStream
@@ -26,6 +28,7 @@ from rayllm.serve.http import build_api
 from rayllm.serve.openai import OpenAIHandler
 
 APP_NAME = "rayllm"
+KEYS_FILE_ENV = "RAYLLM_API_KEYS_FILE"
 
 
 def _sequence_count(groups: list[list[Any]]) -> int:
@@ -37,8 +40,11 @@ def _sequence_count(groups: list[list[Any]]) -> int:
 class LLMServer:
     """One replica: the engine, the OpenAI handler over it, and the HTTP routes."""
 
-    def __init__(self, serve_cfg: dict[str, Any], model_dir: str, model_name: str) -> None:
+    def __init__(
+        self, serve_cfg: dict[str, Any], model_dir: str, model_name: str, api_keys: list[str]
+    ) -> None:
         self.cfg = ServeConfig.model_validate(serve_cfg)
+        self.api_keys = api_keys
         device = "cuda" if self.cfg.gpus_per_replica > 0 and torch.cuda.is_available() else "cpu"
         self.engine = Engine(model_dir, device=device, dtype=self.cfg.dtype, max_batch=self.cfg.max_batch)
         self.handler = OpenAIHandler(self.engine, self.cfg, model_name, self._submit)
@@ -46,7 +52,7 @@ class LLMServer:
         self._admit.set_batch_wait_timeout_s(self.cfg.batch_wait_ms / 1000)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return build_api(self.handler)
+        return build_api(self.handler, self.api_keys)
 
     async def check_health(self) -> None:
         self.engine.check_health()
@@ -76,9 +82,47 @@ def model_name(serve_cfg: ServeConfig, model_dir: str) -> str:
     return serve_cfg.model_name or Path(model_dir).name
 
 
+def api_keys(serve_cfg: ServeConfig) -> list[str]:
+    """``serve.api_keys`` plus the lines of ``serve.api_keys_file`` (default ``$RAYLLM_API_KEYS_FILE``)."""
+    keys = [k.get_secret_value().strip() for k in serve_cfg.api_keys]
+    path = serve_cfg.api_keys_file or os.environ.get(KEYS_FILE_ENV)
+    if path:
+        field = "serve.api_keys_file" if serve_cfg.api_keys_file else f"${KEYS_FILE_ENV}"
+        try:
+            lines = Path(path).expanduser().read_text(encoding="utf-8").splitlines()
+        except OSError as e:
+            raise ConfigError(f"{field}: cannot read the API key file {path} ({e.strerror})") from None
+        from_file = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+        if not from_file:
+            raise ConfigError(f"{field}: {path} holds no API key (one per line)")
+        keys += from_file
+    return keys
+
+
+def check_exposure(serve_cfg: ServeConfig, keys: list[str]) -> None:
+    """Refuse to put a model on a network address without keys unless told so explicitly."""
+    if keys or serve_cfg.allow_unauthenticated or _is_loopback(serve_cfg.host):
+        return
+    raise ConfigError(
+        f"serve.host={serve_cfg.host} lets anyone who reaches port {serve_cfg.port} use the model: set "
+        f"serve.api_keys or serve.api_keys_file (or ${KEYS_FILE_ENV}), or serve.allow_unauthenticated=true"
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def build_app(serve_cfg: ServeConfig, model_dir: str) -> Application:
     """The Serve application for ``model_dir`` with replicas, resources and batching from ``serve_cfg``."""
     model_dir = model_folder(Path(model_dir).expanduser(), f"model_dir={model_dir}", "serve.model_dir")
+    keys = api_keys(serve_cfg)
+    check_exposure(serve_cfg, keys)
     replicas = serve_cfg.replicas
     gpu = serve_cfg.gpus_per_replica > 0
     return LLMServer.options(
@@ -90,7 +134,9 @@ def build_app(serve_cfg: ServeConfig, model_dir: str) -> Application:
             "upscale_delay_s": replicas.upscale_delay_s,
             "downscale_delay_s": replicas.downscale_delay_s,
         },
-        max_ongoing_requests=serve_cfg.max_ongoing_requests,
+        # Running plus queued requests reach the replica, which answers 429 past serve.max_queue;
+        # the headroom lets those answers out instead of queueing them at Serve's proxy.
+        max_ongoing_requests=2 * (serve_cfg.max_batch + serve_cfg.max_queue) + 1,
         ray_actor_options={
             "num_cpus": serve_cfg.cpus_per_replica,
             "num_gpus": serve_cfg.gpus_per_replica,
@@ -98,7 +144,12 @@ def build_app(serve_cfg: ServeConfig, model_dir: str) -> Application:
         },
         health_check_period_s=10,
         health_check_timeout_s=60,
-    ).bind(serve_cfg.model_dump(mode="json"), model_dir, model_name(serve_cfg, model_dir))
+    ).bind(
+        serve_cfg.model_dump(mode="json", exclude={"api_keys"}),
+        model_dir,
+        model_name(serve_cfg, model_dir),
+        keys,
+    )
 
 
 def app_builder(args: dict[str, Any]) -> Application:

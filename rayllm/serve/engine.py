@@ -231,6 +231,11 @@ class Engine:
     def pending(self) -> int:
         return len(self._pending)
 
+    @property
+    def waiting_requests(self) -> int:
+        """Requests with a sequence still waiting for a row of the running batch."""
+        return len({id(s.stream) for s in self._pending if not s.cancelled})
+
     def check_health(self) -> None:
         """Raise if the scheduling task died, so Serve replaces the replica."""
         if self._task is not None and self._task.done():

@@ -3,6 +3,7 @@ and every error mapped to OpenAI's error format (a server never dies on a bad re
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -88,15 +89,50 @@ def _too_large(limit: int) -> dict[str, Any]:
     return error_body(message, "invalid_request_error", None, "request_too_large")
 
 
-def build_api(server: OpenAIHandler) -> FastAPI:
-    """The replica's FastAPI app; built per replica so ``max_body_bytes`` comes from its config."""
+class _BearerAuth:
+    """401 in OpenAI's format unless ``Authorization: Bearer <key>`` names one of ``keys``.
+
+    Checked before the body is read; ``/health`` stays open for load balancers and Serve's probes.
+    """
+
+    OPEN = frozenset({"/health"})
+
+    def __init__(self, app: ASGIApp, keys: list[str]) -> None:
+        self.app, self.keys = app, [k.encode() for k in keys]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.OPEN:
+            await self.app(scope, receive, send)
+            return
+        header = Headers(scope=scope).get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() == "bearer" and any(
+            hmac.compare_digest(key.strip().encode(), k) for k in self.keys
+        ):
+            await self.app(scope, receive, send)
+            return
+        message = (
+            "incorrect API key provided"
+            if header
+            else "missing API key: send it as 'Authorization: Bearer KEY' (the openai client's api_key)"
+        )
+        body = error_body(message, "invalid_request_error", None, "invalid_api_key")
+        await JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})(
+            scope, receive, send
+        )
+
+
+def build_api(server: OpenAIHandler, api_keys: list[str]) -> FastAPI:
+    """The replica's FastAPI app; built per replica so limits and keys come from its config."""
     limit = server.cfg.max_body_bytes
     api = FastAPI(title="rayllm", docs_url=None, redoc_url=None)
     api.add_middleware(_BodyLimit, max_bytes=limit)
+    if api_keys:
+        api.add_middleware(_BearerAuth, keys=api_keys)  # outermost: strangers never reach the body
 
     @api.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @api.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -11,6 +11,7 @@ client can cause is an ``APIError``, raised before the engine sees the request.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -59,9 +60,11 @@ class APIError(Exception):
         param: str | None = None,
         code: str | None = None,
         type: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+        self.headers = headers
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.type, self.param, self.code)
@@ -304,6 +307,7 @@ class OpenAIHandler:
             prompt_logprobs=req.echo and req.logprobs is not None,
             ignore_eos=req.ignore_eos,
         )
+        self.check_queue()
         stream = self.engine.new_stream(prompts, params, req.n)
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_name}
         usage = _Usage(sum(len(p) for p in prompts))
@@ -385,6 +389,7 @@ class OpenAIHandler:
             logprobs=(req.top_logprobs or 0) if req.logprobs else None,
             ignore_eos=req.ignore_eos,
         )
+        self.check_queue()
         stream = self.engine.new_stream([prompt], params, req.n)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_name}
         usage = _Usage(len(prompt))
@@ -434,11 +439,41 @@ class OpenAIHandler:
             yield {**chunk, "choices": [], "usage": usage.body()}
 
     # ---------------------------------------------------------------------------------- helpers
+    def check_queue(self) -> None:
+        """429 rather than an ever-growing queue: ``serve.max_queue`` requests may wait for a slot."""
+        waiting = self.engine.waiting_requests
+        if waiting >= self.cfg.max_queue:
+            # About one running request's worth of time frees a slot; a second is a fair first retry.
+            raise APIError(
+                429,
+                f"this server is at capacity ({waiting} requests waiting, serve.max_queue="
+                f"{self.cfg.max_queue}); retry after a moment",
+                code="rate_limit_exceeded",
+                type="rate_limit_error",
+                headers={"Retry-After": "1"},
+            )
+
     async def _run(self, stream: GenerationStream) -> AsyncIterator[Output]:
-        """Admit a request's sequences and yield their outputs; cancels them if the caller goes away."""
+        """Admit a request's sequences and yield their outputs until ``serve.request_timeout_s``;
+        the sequences are cancelled (their batch rows freed) however the request ends."""
+        deadline = time.monotonic() + self.cfg.request_timeout_s
         try:
             await self.submit(stream)
-            async for out in stream:
+            outputs = aiter(stream)
+            while True:
+                remaining = deadline - time.monotonic()
+                try:
+                    out = await asyncio.wait_for(anext(outputs), timeout=max(remaining, 0))
+                except StopAsyncIteration:
+                    return
+                except asyncio.TimeoutError:
+                    raise APIError(
+                        504,
+                        f"the request was still generating after serve.request_timeout_s="
+                        f"{self.cfg.request_timeout_s:g} s; ask for fewer tokens",
+                        code="timeout",
+                        type="server_error",
+                    ) from None
                 yield out
         finally:
             stream.cancel()

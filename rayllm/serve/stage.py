@@ -22,7 +22,14 @@ from rayllm.config import RunConfig
 from rayllm.errors import RayllmError
 from rayllm.rundir import RunDir
 from rayllm.runtime import init_ray, ray_session
-from rayllm.serve.deployment import APP_NAME, build_app, model_name, resolve_model_dir
+from rayllm.serve.deployment import (
+    APP_NAME,
+    api_keys,
+    build_app,
+    check_exposure,
+    model_name,
+    resolve_model_dir,
+)
 
 log = logging.getLogger("rayllm.serve")
 
@@ -39,6 +46,8 @@ def start(cfg: RunConfig) -> str:
 
     s = cfg.serve
     model_dir = resolve_model_dir(s, cfg.run_dir)
+    keys = api_keys(s)
+    check_exposure(s, keys)  # before Ray starts: a refusal costs nothing
     init_ray(cfg.cluster, use_gpu=s.gpus_per_replica > 0)
     ray_serve.start(http_options={"host": s.host, "port": s.port})
     ray_serve.run(build_app(s, model_dir), name=APP_NAME, route_prefix="/", blocking=False)
@@ -57,6 +66,7 @@ def start(cfg: RunConfig) -> str:
             "max_context": health.get("max_context"),
             "replicas": s.replicas.model_dump(),
             "max_batch": s.max_batch,
+            "api_keys": len(keys),
             "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         },
     )

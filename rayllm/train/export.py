@@ -57,14 +57,16 @@ def export_checkpoint(ckpt_dir: Path, out_dir: Path, tokenizer_dir: Path | None)
     return out_dir
 
 
-def export_run(run_dir: str, out_dir: str | None = None) -> Path:
-    """``rayllm export RUN_DIR``: the last registered checkpoint -> ``<run_dir>/train/export``."""
+def export_run(run_dir: str, out_dir: str | None = None, checkpoint: str | None = None) -> Path:
+    """``rayllm export RUN_DIR``: the last registered checkpoint (or ``checkpoint``, a checkpoint
+    folder) -> ``<run_dir>/train/export``."""
     rd = RunDir.load(run_dir)
+    out = Path(out_dir) if out_dir else rd.export_dir
+    tokenizer = rd.data.tokenizer_dir if rd.data.tokenizer_dir.is_dir() else None
+    if checkpoint:
+        return export_checkpoint(Path(checkpoint), out, tokenizer)
     ckpt = rd.latest_checkpoint()
     if ckpt is None:
         raise RunDirError(f"no train checkpoint under {rd.storage}: run `rayllm train` first")
-    tokenizer = rd.data.tokenizer_dir
     with ckpt.as_directory() as d:
-        return export_checkpoint(
-            Path(d), Path(out_dir) if out_dir else rd.export_dir, tokenizer if tokenizer.is_dir() else None
-        )
+        return export_checkpoint(Path(d), out, tokenizer)
