@@ -44,8 +44,24 @@ SetOpt = Annotated[
 RunDirOpt = Annotated[str | None, typer.Option("--run-dir", "-r", help="Run directory (overrides run_dir).")]
 
 
+VERBOSE = {"on": False}
+
+
+@app.callback()
+def _options(
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose", "-v", help="Ray's own logs on the console, and a traceback with every error."
+        ),
+    ] = False,
+) -> None:
+    VERBOSE["on"] = verbose
+
+
 def _load(config: list[str] | None, sets: list[str] | None, run_dir: str | None) -> RunConfig:
-    return _run(lambda: load_config(config or [], sets or [], run_dir))
+    more = ["cluster.verbose=true"] if VERBOSE["on"] else []
+    return _run(lambda: load_config(config or [], [*(sets or []), *more], run_dir))
 
 
 def _run(fn: Callable[[], Any]) -> Any:
@@ -59,6 +75,8 @@ def _run(fn: Callable[[], Any]) -> Any:
         user = find_user_error(e)
         if user is None:
             raise
+        if VERBOSE["on"]:
+            console.print_exception()
         console.print(f"[bold red]error:[/] {escape(one_line(user))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 

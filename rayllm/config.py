@@ -243,6 +243,11 @@ class TrainConfig(Strict):
     max_failures: NonNegInt = Field(
         3, description="worker-group restarts from the last checkpoint before the run fails"
     )
+    collective_timeout_s: PositiveInt = Field(
+        1800,
+        description="a collective (all-reduce, barrier) waiting longer fails the step, so Ray Train "
+        "restarts the workers from the last checkpoint instead of hanging",
+    )
     shuffle_buffer: NonNegInt = Field(0, description="rows in the per-epoch local shuffle buffer")
     cache_data_gb: Annotated[float, Field(ge=0)] = Field(
         2.0,

@@ -62,6 +62,9 @@ def rng_file(rank: int) -> str:
     return f"rng_rank{rank}.pt"
 
 
+CHECKSUMS = "checksums_rank{rank}.json"  # sha256 of every file one rank wrote into a checkpoint
+
+
 # ------------------------------------------------------------------------------------- stage files
 class MetricsWriter:
     """Append-only jsonl; each line has ``time`` and the metrics, flushed so a crash loses nothing."""
@@ -148,7 +151,7 @@ class ShardWriter:
                 "path": f"{self.split}/{path.name}",
                 "split": self.split,
                 "rows": int(rows),
-                "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                "sha256": _sha256(path),
             }
         )
 
@@ -211,12 +214,29 @@ class PackedData:
             raise RunDirError(f"{d} not found: run `rayllm prep` (with data.val_fraction > 0) first")
         return d
 
+    def shard_paths(self, split: str) -> list[str]:
+        """The split's shards as the manifest lists them, in order: only shards a finished prep
+        wrote and checksummed, never a leftover of an interrupted one."""
+        self.require(split)
+        shards = self.manifest().model_extra.get("shards") or []
+        paths = [str(self.dir / s["path"]) for s in shards if s["split"] == split]
+        if not paths:
+            raise RunDirError(
+                f"{self.manifest_path} lists no {split} shards: re-run `rayllm prep` with more data"
+            )
+        missing = [p for p in paths if not Path(p).is_file()]
+        if missing:
+            raise RunDirError(
+                f"{missing[0]} is listed in {self.manifest_path} but missing: re-run `rayllm prep`"
+            )
+        return paths
+
     def read(self, split: str) -> Any:
         """A split's packed blocks as a Ray Data dataset, rows in file order whatever the driver's
         context says: train's exact resume and eval's ``max_batches`` both mean "the first rows"."""
         import ray.data
 
-        ds = ray.data.read_parquet(str(self.require(split)), file_extensions=["parquet"])
+        ds = ray.data.read_parquet(self.shard_paths(split))
         ds.context.execution_options.preserve_order = True
         return ds
 
@@ -294,17 +314,7 @@ class RunDir:
 
     def latest_checkpoint(self) -> Any:
         """The newest checkpoint Ray Train registered (never a half-written one), or None."""
-        from ray.train import Checkpoint
-
-        fs, root = filesystem(self.storage)
-        snapshot = f"{root}/{TRAIN_RUN}/checkpoint_manager_snapshot.json"
-        if fs.get_file_info(snapshot).type == pafs.FileType.NotFound:
-            return None
-        with fs.open_input_stream(snapshot) as f:
-            latest = json.loads(f.read()).get("latest_checkpoint_result")
-        if not latest:
-            return None
-        return Checkpoint(path=f"{root}/{TRAIN_RUN}/{latest['checkpoint_dir_name']}", filesystem=fs)
+        return next(iter(registered_checkpoints(self.storage)), None)
 
     def clear_checkpoints(self) -> None:
         """``train.resume: false``: forget the previous run's checkpoints, wherever they live."""
@@ -340,6 +350,20 @@ def model_folder(path: Path, origin: str, field: str = "model_dir") -> str:
 
 
 # ----------------------------------------------------------------------------- checkpoint files
+def registered_checkpoints(storage: str) -> list[Any]:
+    """Checkpoints Ray Train registered under ``storage`` and still keeps, newest first."""
+    from ray.train import Checkpoint
+
+    fs, root = filesystem(storage)
+    snapshot = f"{root}/{TRAIN_RUN}/checkpoint_manager_snapshot.json"
+    if fs.get_file_info(snapshot).type == pafs.FileType.NotFound:
+        return []
+    with fs.open_input_stream(snapshot) as f:
+        results = json.loads(f.read()).get("checkpoint_results") or []
+    names = sorted({r["checkpoint_dir_name"] for r in results}, reverse=True)  # names carry the time
+    return [Checkpoint(path=f"{root}/{TRAIN_RUN}/{name}", filesystem=fs) for name in names]
+
+
 def write_checkpoint_state(d: Path, state: dict[str, Any]) -> None:
     (d / STATE_FILE).write_text(json.dumps(state), encoding="utf-8")
 
@@ -348,7 +372,37 @@ def read_checkpoint_state(d: Path) -> dict[str, Any]:
     p = d / STATE_FILE
     if not p.is_file() or not (d / CKPT_TAG).is_dir():
         raise RunDirError(f"{d}: not a rayllm train checkpoint (no {STATE_FILE} and {CKPT_TAG}/ in it)")
+    bad = corrupt_files(d)
+    if bad:
+        raise RunDirError(
+            f"{d}: corrupt checkpoint ({len(bad)} files differ from their sha256, e.g. {bad[0]})"
+        )
     try:
         return json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise RunDirError(f"{p}: corrupt checkpoint state ({e.msg})") from None
+
+
+def write_checksums(d: Path, rank: int) -> None:
+    """Record the sha256 of every file in ``d`` (one rank's part of a checkpoint, before upload)."""
+    sums = {str(p.relative_to(d)): _sha256(p) for p in sorted(d.rglob("*")) if p.is_file()}
+    (d / CHECKSUMS.format(rank=rank)).write_text(json.dumps(sums), encoding="utf-8")
+
+
+def corrupt_files(d: Path) -> list[str]:
+    """Files of a checkpoint folder that are missing or differ from their recorded sha256."""
+    bad = []
+    for listing in sorted(d.glob(CHECKSUMS.format(rank="*"))):
+        for rel, digest in json.loads(listing.read_text(encoding="utf-8")).items():
+            p = d / rel
+            if not p.is_file() or _sha256(p) != digest:
+                bad.append(rel)
+    return bad
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()

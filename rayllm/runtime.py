@@ -106,8 +106,12 @@ def init_ray(cfg: ClusterConfig, use_gpu: bool = False) -> bool:
             **common,
         )
     _configure_ray_data(cfg)
-    for name in ("ray.data", "ray.train", "ray.tune", "ray.serve"):
+    for name in ("ray.data", "ray.train", "ray.serve"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Failed trials are listed, with their errors, in tune's own summary; Tune's tracebacks of the
+    # same errors are for --verbose.
+    for name in ("ray.tune", "ray.air"):
+        logging.getLogger(name).setLevel(logging.WARNING if cfg.verbose else logging.CRITICAL)
     return True
 
 

@@ -17,7 +17,7 @@ import yaml
 
 from rayllm import stages
 from rayllm.config import RunConfig, apply_overrides, validate_config
-from rayllm.errors import ConfigError
+from rayllm.errors import ConfigError, find_user_error
 from rayllm.rundir import RunDir
 from rayllm.runtime import ray_session
 
@@ -132,6 +132,11 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     metrics.close()
     scored = [t for t in trials if t[tc.metric] is not None]
     if not scored:
+        # The same mistake usually fails every trial: a user error says what to fix in one line.
+        for r in results:
+            user = find_user_error(r.error) if r.error else None
+            if user is not None:
+                raise user
         raise RuntimeError(f"no trial reported {tc.metric}: {[t['error'] for t in trials]}")
     best = results.get_best_result(metric=tc.metric, mode=tc.mode, scope="last")
     best_params = {k: best.config[k] for k in tc.space}

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
+from ray_head import free_port
 
 GOOD = "A line of plain text that is long enough to keep.\n\n" * 20
 
@@ -144,3 +145,32 @@ def test_skip_policy_counts_what_it_skips(cli_env, tmp_path):
     assert m["dropped"]["malformed_json"] == 1 and m["dropped"]["missing_field"] == 1
     assert m["dropped"]["invalid_utf8"] == 1
     assert m["documents_read"] == m["documents_kept"] + sum(m["dropped"].values())
+
+
+def test_errors_inside_train_workers_tune_trials_and_serve_replicas(cli_env, prepped, tmp_path):
+    """User errors raised far from the CLI: in a Ray Train worker, inside a Ray Tune trial's
+    workers, and in a Ray Serve replica's constructor. Each still ends as one line, exit 2."""
+    from serve_helpers import make_tiny_gpt2
+
+    data = Path(prepped.run_dir) / "prep"
+    base = [
+        "-c",
+        str(data / "config.yaml"),
+        "--set",
+        f"train.data_dir={data}",
+        "--set",
+        "train.max_failures=0",
+    ]
+    flash = ["--set", "model.attention=flash_attention_2"]  # not installed on CPU machines
+    pattern = r"model\.attention=flash_attention_2: FlashAttention2 .*; use sdpa"
+    one_line_exit_2(rayllm(cli_env, "train", "-r", str(tmp_path / "train"), *base, *flash), pattern)
+    trial = ["--set", "tune.space={model.attention: [flash_attention_2]}", "--set", "tune.num_samples=1"]
+    one_line_exit_2(rayllm(cli_env, "tune", "-r", str(tmp_path / "tune"), *base, *trial), pattern)
+
+    broken = make_tiny_gpt2(tmp_path / "broken")
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    port = ["--set", f"serve.port={free_port()}", "--set", f"serve.model_dir={broken}"]
+    one_line_exit_2(
+        rayllm(cli_env, "serve", "-r", str(tmp_path / "serve"), *port),
+        r"the model server failed to start: .*(safetensors|header)",
+    )

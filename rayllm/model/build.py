@@ -93,9 +93,14 @@ def build_model(cfg: ModelConfig, hf_config: Any) -> Any:
     """A fresh model from ``hf_config``, or the pretrained weights when ``cfg.path`` is set."""
     from transformers import AutoModelForCausalLM
 
-    if cfg.path:
-        return AutoModelForCausalLM.from_pretrained(cfg.path, attn_implementation=cfg.attention)
-    return AutoModelForCausalLM.from_config(hf_config, attn_implementation=cfg.attention)
+    try:
+        if cfg.path:
+            return AutoModelForCausalLM.from_pretrained(cfg.path, attn_implementation=cfg.attention)
+        return AutoModelForCausalLM.from_config(hf_config, attn_implementation=cfg.attention)
+    except ImportError as e:  # e.g. flash_attention_2 without the flash-attn package on this worker
+        raise ConfigError(
+            f"model.attention={cfg.attention}: {e}; use sdpa or install what it needs"
+        ) from None
 
 
 def flops_per_token(hf_config: Any, n_params: int, seq_len: int) -> float:

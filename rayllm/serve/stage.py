@@ -9,6 +9,7 @@ Serve application itself, for ``serve run`` / ``serve deploy`` and Serve config 
 from __future__ import annotations
 
 import logging
+import re
 import signal
 import threading
 import time
@@ -50,10 +51,20 @@ def start(cfg: RunConfig) -> str:
     check_exposure(s, keys)  # before Ray starts: a refusal costs nothing
     init_ray(cfg.cluster, use_gpu=s.gpus_per_replica > 0)
     ray_serve.start(http_options={"host": s.host, "port": s.port})
-    ray_serve.run(build_app(s, model_dir), name=APP_NAME, route_prefix="/", blocking=False)
     client_host = "127.0.0.1" if s.host in ("0.0.0.0", "::", "") else s.host
     url = f"http://{client_host}:{s.port}"
-    health = _wait_healthy(url)
+    try:
+        try:
+            ray_serve.run(build_app(s, model_dir), name=APP_NAME, route_prefix="/", blocking=False)
+        except RuntimeError as e:  # Serve says only "failed to update the deployments"; say why
+            failure = _deploy_failure()
+            if failure is None:
+                raise
+            raise RayllmError(f"the model server failed to start: {failure}") from e
+        health = _wait_healthy(url)
+    except BaseException:
+        shutdown()  # nothing half-started is left behind on the cluster
+        raise
     rd = RunDir.of(cfg)
     rd.start_stage(cfg, "serve")
     rd.write_summary(
@@ -128,7 +139,8 @@ def _wait_for_stop_signal() -> None:
 
 
 def _wait_healthy(url: str, timeout_s: float = READY_TIMEOUT_S) -> dict[str, Any]:
-    """Poll ``/health`` until the HTTP proxy routes to a ready replica."""
+    """Poll ``/health`` until the HTTP proxy routes to a ready replica; a deployment that failed
+    (a replica that cannot load the model) is reported at once, by the error its replicas raised."""
     deadline = time.monotonic() + timeout_s
     last = "no answer"
     with httpx.Client(timeout=5.0, trust_env=False) as client:
@@ -140,9 +152,25 @@ def _wait_healthy(url: str, timeout_s: float = READY_TIMEOUT_S) -> dict[str, Any
                 last = f"HTTP {r.status_code}: {r.text[:200]}"
             except httpx.HTTPError as e:
                 last = f"{type(e).__name__}: {e}"
+            failure = _deploy_failure()
+            if failure is not None:
+                raise RayllmError(f"the model server failed to start: {failure}")
             time.sleep(0.5)
     raise RayllmError(
         f"the model server at {url} did not become healthy within {timeout_s:.0f} s ({last}); if Serve "
         "was already running on another port, run `serve shutdown` first; replica logs are under "
         "/tmp/ray/session_latest/logs/serve"
     )
+
+
+def _deploy_failure() -> str | None:
+    """When the deployment failed: the exception line of the replica traceback Serve recorded."""
+    from ray import serve as ray_serve
+
+    app = ray_serve.status().applications.get(APP_NAME)
+    if app is None or app.status != "DEPLOY_FAILED":
+        return None
+    message = "\n".join([app.message, *(d.message for d in app.deployments.values())])
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception)\b.*:", ln)]
+    return errors[-1] if errors else (lines[-1] if lines else "no message")

@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from rayllm.rundir import CKPT_TAG, read_checkpoint_state, rng_file, write_checkpoint_state
+from rayllm.errors import RunDirError
+from rayllm.rundir import CKPT_TAG, read_checkpoint_state, rng_file, write_checkpoint_state, write_checksums
 
 # Marker in DeepSpeed's client state that lets ds_to_universal reshard the checkpoint later.
 UNIVERSAL_INFO = "universal_checkpoint_info"
@@ -37,9 +38,25 @@ class TrainState:
 
 
 def read_state(ckpt: Any) -> TrainState:
-    """The ``TrainState`` of a Ray Train checkpoint (downloaded first when it is remote)."""
+    """The ``TrainState`` of a Ray Train checkpoint (downloaded first when it is remote), after
+    checking every file against the sha256 its rank recorded."""
     with ckpt.as_directory() as d:
         return TrainState(**read_checkpoint_state(Path(d)))
+
+
+def select(latest: Any, registered: list[Any]) -> tuple[Any, TrainState, list[str]]:
+    """The newest intact checkpoint: ``latest`` (what Ray Train restores), else the registered ones
+    before it. Returns it, its state, and one line per checkpoint skipped as corrupt."""
+    skipped: list[str] = []
+    older = [c for c in registered if c.path < latest.path]
+    for ckpt in [latest, *older]:
+        try:
+            return ckpt, read_state(ckpt), skipped
+        except RunDirError as e:
+            skipped.append(str(e))
+    raise RunDirError(
+        f"no intact checkpoint to resume from ({'; '.join(skipped)}); set train.resume=false to start over"
+    )
 
 
 def save(engine: Any, state: TrainState, rank: int, hf_config: Any, metrics: dict[str, Any]) -> None:
@@ -53,6 +70,7 @@ def save(engine: Any, state: TrainState, rank: int, hf_config: Any, metrics: dic
         if rank == 0:
             write_checkpoint_state(Path(d), asdict(state))
             hf_config.save_pretrained(d)
+        write_checksums(Path(d), rank)  # last: covers every file this rank wrote
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 

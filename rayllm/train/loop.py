@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import math
 import time
 from collections.abc import Iterator
@@ -23,10 +24,12 @@ import torch
 from rayllm.config import RunConfig
 from rayllm.model.build import build_model, count_params, flops_per_token, model_config
 from rayllm.model.loss import NextTokenLoss, resolve_impl, shift
-from rayllm.rundir import INPUT_IDS, LOSS_MASK, POSITION_IDS, Manifest, MetricsWriter
+from rayllm.rundir import INPUT_IDS, LOSS_MASK, POSITION_IDS, Manifest, MetricsWriter, registered_checkpoints
 from rayllm.train import checkpoint
 from rayllm.train.checkpoint import TrainState
 from rayllm.train.parallel import parallelize, peak_flops
+
+log = logging.getLogger("rayllm.train")
 
 
 class RankSlice:
@@ -92,12 +95,16 @@ class Worker:
         self.flops_per_token = flops_per_token(self.hf_config, count_params(model), self.seq_len)
         objective = NextTokenLoss(model, resolve_impl(t.loss, model, self.device))
 
-        ckpt = ray.train.get_checkpoint()
-        saved = checkpoint.read_state(ckpt) if ckpt is not None else None
+        self.state = TrainState(world=self.world, zero_stage=t.deepspeed.zero_stage)
+        ckpt, saved = ray.train.get_checkpoint(), None
+        if ckpt is not None:
+            ckpt, saved, skipped = checkpoint.select(ckpt, registered_checkpoints(config["storage"]))
+            for reason in skipped:
+                log.warning("skipping a corrupt checkpoint: %s", reason)
+                self._log(event="checkpoint_skipped", step=saved.step, reason=reason)
         self.engine, self.scheduler = parallelize(
             objective, t, self.world, load_universal=checkpoint.needs_reshard(saved, self.world)
         )
-        self.state = TrainState(world=self.world, zero_stage=t.deepspeed.zero_stage)
         if ckpt is not None and saved is not None:
             checkpoint.restore(self.engine, ckpt, saved, self.rank, self.world)
             self.state = TrainState(**{**saved.__dict__, "world": self.world})

@@ -63,7 +63,7 @@ def trainer(
     """The ``TorchTrainer`` for one run (also each Ray Tune trial, with its own ``out``)."""
     import ray.train
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     from rayllm.train.loop import train_loop
 
@@ -80,10 +80,13 @@ def trainer(
     ingest.preserve_order = True
     return TorchTrainer(
         train_loop,
+        # The process group Ray creates (and DeepSpeed reuses) times collectives out at this.
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo", timeout_s=t.collective_timeout_s),
         train_loop_config={
             "cfg": cfg.dump(),
             "manifest": rd.data.manifest().model_dump(),
             "out_dir": str(out),
+            "storage": rd.storage,
         },
         scaling_config=ScalingConfig(
             num_workers=lo if lo == hi else (lo, hi),
