@@ -253,3 +253,62 @@ def test_bad_configuration_fails_before_workers(prepped, tmp_path):
         fit(RunConfig.model_validate(raw))
     with pytest.raises(Exception, match=r"manifest\.json not found"):
         fit(tiny_config(tmp_path / "empty", tmp_path))
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(ray_cluster, prepped, tmp_path):
+    """A bit flip in the newest checkpoint: the resume skips it (saying which one and why) and
+    continues from the checkpoint before it; export refuses the corrupt one."""
+    from rayllm.errors import RunDirError
+    from rayllm.rundir import RunDir, registered_checkpoints
+    from rayllm.train.export import export_checkpoint
+    from rayllm.train.stage import run as fit
+
+    run = tmp_path / "run"
+    cfg = run_cfg(prepped, run, max_steps=12, export=False)
+    fit(cfg)
+    newest, previous = registered_checkpoints(RunDir.of(cfg).storage)[:2]
+    shard = sorted(Path(newest.path, "ckpt").glob("*optim_states.pt"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(RunDirError, match=r"corrupt checkpoint .*optim_states\.pt"):
+        export_checkpoint(Path(newest.path), tmp_path / "export", None)
+    s = fit(run_cfg(prepped, run, max_steps=18, export=False))
+    assert s["steps"] == 18
+    events = [r for r in metrics(run) if r.get("event")]
+    skipped = [r for r in events if r["event"] == "checkpoint_skipped"]
+    assert len(skipped) == 1 and Path(newest.path).name in skipped[0]["reason"]
+    assert [r["step"] for r in events if r["event"] == "resume"] == [6]  # the previous checkpoint's step
+    assert Path(previous.path).name < Path(newest.path).name
+
+
+@pytest.mark.slow
+def test_hung_worker_fails_the_collective_within_the_timeout(ray_cluster, prepped, tmp_path):
+    """SIGSTOP a worker: its peer's all-reduce times out after train.collective_timeout_s, Ray Train
+    restarts the group from the last checkpoint and the run finishes (the default would wait 30 min)."""
+    from rayllm.rundir import RunDir, registered_checkpoints
+    from rayllm.train.stage import run as fit
+
+    common = dict(
+        max_steps=300, log_every=5, eval_every=50, checkpoint_every=20, export=False, max_failures=1,
+        collective_timeout_s=10,
+    )  # fmt: skip
+    run = tmp_path / "run"
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(fit(run_cfg(prepped, run, **common))))
+    thread.start()
+    stopped = None
+    deadline = time.time() + 240
+    storage = RunDir.of(run_cfg(prepped, run)).storage
+    while time.time() < deadline and stopped is None and thread.is_alive():
+        steps = [r["step"] for r in metrics(run) if "loss" in r]
+        # A frozen worker cannot report: stop one once a checkpoint is registered, not while it is.
+        if steps and steps[-1] < 150 and registered_checkpoints(storage) and (pids := _worker_pids()):
+            os.kill(pids[-1], signal.SIGSTOP)
+            stopped = time.time()
+        time.sleep(0.1)
+    thread.join(timeout=400)
+    assert stopped is not None, "the run ended before a worker could be stopped"
+    resume = [r for r in metrics(run) if r.get("event") == "resume"]
+    assert len(resume) == 1 and resume[0]["step"] % 20 == 0 and result["steps"] == 300
+    assert resume[0]["time"] - stopped < 10 + 60  # the timeout, then a restart of the worker group

@@ -13,6 +13,9 @@ import contextlib
 import itertools
 import logging
 import math
+import os
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -115,6 +118,7 @@ class Worker:
         self.collate = RankSlice(self.rank, self.world)
         self._val: list[dict[str, torch.Tensor]] | None = None
         self.peak = peak_flops(self.device, t.deepspeed.precision) * self.world
+        self.watchdog = Watchdog(t.collective_timeout_s, self.rank)
 
     # ------------------------------------------------------------------------------------- data
     def _epoch_batches(self, it: Any, epoch: int, skip: int = 0):
@@ -199,23 +203,27 @@ class Worker:
 
         t, s = self.t, self.state
         if s.step == 0:
-            self._log(step=0, **self.evaluate(), world=self.world)
+            with self.watchdog.armed("the first validation"):
+                self._log(step=0, **self.evaluate(), world=self.world)
         window = _Window(self.device)
         while s.step < t.max_steps:
             finished_epoch = True
             for batch in self._epoch_batches(
                 self.train_it, s.epoch, skip=s.samples_in_epoch // t.global_batch
             ):
-                window.add(self.train_step(batch), batch["tokens"])
+                with self.watchdog.armed(f"step {s.step + 1}"):
+                    window.add(self.train_step(batch), batch["tokens"])
                 s.step += 1
                 s.samples_in_epoch += t.global_batch
                 s.tokens_seen += t.global_batch * self.seq_len
                 metrics: dict[str, Any] = {}
                 if s.step % t.log_every == 0 or s.step == 1 or s.step == t.max_steps:
-                    metrics = self._train_metrics(window)
+                    with self.watchdog.armed("the metrics all-reduce"):
+                        metrics = self._train_metrics(window)
                 with window.paused():  # validation and checkpoints are not training time
                     if s.step % t.eval_every == 0 or s.step == t.max_steps:
-                        metrics.update(self.evaluate())
+                        with self.watchdog.armed("validation"):
+                            metrics.update(self.evaluate())
                     if metrics:
                         self._log(**metrics)
                     if s.step % t.checkpoint_every == 0 or s.step == t.max_steps:
@@ -294,6 +302,44 @@ class _Window:
             yield
         finally:
             self.excluded += time.perf_counter() - t0
+
+
+class Watchdog:
+    """Ends this worker when a step (whose collectives wait on every rank) runs past
+    ``train.collective_timeout_s``, so that Ray Train restarts the group from the last checkpoint.
+
+    The process group's own timeout does not cover the groups DeepSpeed creates (they get torch's
+    30-minute default), nor a peer that stopped without closing its sockets; this does, on any
+    backend. Only a process exit gets a thread out of a blocked collective.
+    """
+
+    def __init__(self, timeout_s: float, rank: int) -> None:
+        self.timeout_s, self.rank = timeout_s, rank
+        self.deadline: float | None = None
+        self.what = ""
+        threading.Thread(target=self._watch, name="rayllm-watchdog", daemon=True).start()
+
+    @contextlib.contextmanager
+    def armed(self, what: str) -> Iterator[None]:
+        self.what, self.deadline = what, time.monotonic() + self.timeout_s
+        try:
+            yield
+        finally:
+            self.deadline = None
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(min(1.0, self.timeout_s / 10))
+            deadline = self.deadline
+            if deadline is not None and time.monotonic() > deadline:
+                print(
+                    f"rayllm: rank {self.rank}: {self.what} made no progress for {self.timeout_s:g} s "
+                    "(train.collective_timeout_s), likely a hung peer; ending this worker so that Ray "
+                    "Train restarts from the last checkpoint",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                os._exit(1)
 
 
 def _world() -> int:
