@@ -377,8 +377,8 @@ class ServeConfig(Strict):
     )
     api_keys: list[SecretStr] = Field(
         default_factory=list,
-        description="bearer tokens a client must send (Authorization: Bearer KEY); saved configs show "
-        "them redacted",
+        description="bearer tokens a client must send (Authorization: Bearer KEY); configs rayllm "
+        "saves leave them out",
     )
     api_keys_file: str | None = Field(
         None, description="a file with one API key per line (default: the file $RAYLLM_API_KEYS_FILE names)"
@@ -447,7 +447,17 @@ class RunConfig(Strict):
         return self
 
     def dump(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        """The config as plain data, secrets included: for rayllm's own round trips (workers, trials)."""
+        out = self.model_dump(mode="json")
+        out["serve"]["api_keys"] = [k.get_secret_value() for k in self.serve.api_keys]
+        return out
+
+    def public(self) -> dict[str, Any]:
+        """The config as plain data without the API keys: what is written to files. A saved config
+        then serves without keys, which a non-loopback host refuses (see serve.api_keys)."""
+        out = self.model_dump(mode="json")
+        out["serve"]["api_keys"] = []
+        return out
 
 
 # ---------------------------------------------------------------------------------------- loading

@@ -279,7 +279,7 @@ class RunDir:
         """Create the stage folder, save the resolved config, and log the stage to its ``stage.log``."""
         d = self.stage(name)
         (d / CONFIG).write_text(
-            yaml.safe_dump(cfg.dump(), sort_keys=False, allow_unicode=True), encoding="utf-8"
+            yaml.safe_dump(cfg.public(), sort_keys=False, allow_unicode=True), encoding="utf-8"
         )
         _log_to(d / LOG)
         log.info("%s: run_dir=%s", name, self.root)

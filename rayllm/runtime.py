@@ -29,6 +29,9 @@ DEFAULT_ENV = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "TRANSFORMERS_VERBOSITY": "error",
+    # Ray Train registers a checkpoint when its controller next polls the workers (default every 2 s):
+    # a worker that freezes in between loses that checkpoint, so poll more often.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1",
 }
 
 
@@ -36,7 +39,7 @@ def worker_env(cfg: ClusterConfig | None = None, use_gpu: bool = False) -> dict[
     env = dict(DEFAULT_ENV)
     if not use_gpu:
         env["DS_ACCELERATOR"] = "cpu"  # also silences DeepSpeed's accelerator probing
-    for key in ("TORCH_EXTENSIONS_DIR", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"):
+    for key in ("TORCH_EXTENSIONS_DIR", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"):  # the caller's, if set
         if key in os.environ:
             env[key] = os.environ[key]
     if cfg is not None:

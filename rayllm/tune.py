@@ -142,7 +142,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     best_params = {k: best.config[k] for k in tc.space}
     best_cfg = trial_config(cfg, best_params, cfg.train.max_steps)
     best_yaml = out / "best.yaml"
-    best_yaml.write_text(yaml.safe_dump(best_cfg.dump(), sort_keys=False), encoding="utf-8")
+    best_yaml.write_text(yaml.safe_dump(best_cfg.public(), sort_keys=False), encoding="utf-8")
     summary = {
         "trials": len(trials),
         "trials_stopped_early": sum(1 for t in scored if (t["steps"] or 0) < tc.max_steps),
