@@ -12,7 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
+
+@pytest.mark.slow
 def test_node_loss_shrinks_and_regained_capacity_grows(tiny_corpus, tmp_path):
     script = Path(__file__).parent / "elastic_scenario.py"
     env = {**os.environ, "RAYLLM_PROGRESS": "0"}

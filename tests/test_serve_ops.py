@@ -52,6 +52,7 @@ def _running_replicas() -> int:
     return app.deployments["LLMServer"].replica_states.get("RUNNING", 0)
 
 
+@pytest.mark.slow
 def test_replicas_scale_up_under_load_and_back_down(start_server: Any) -> None:
     url = start_server(
         cpus_per_replica=0.5,
