@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -21,6 +22,7 @@ from rich.table import Table
 
 from rayllm.config import RunConfig, load_config
 from rayllm.errors import find_user_error, one_line
+from rayllm.rundir import RunDir
 from rayllm.stages import NAMES, STAGES, Stage
 
 app = typer.Typer(
@@ -130,7 +132,7 @@ def export(
 
 @app.command()
 def submit(
-    stage: Annotated[str, typer.Argument(help=" | ".join([*NAMES, "demo"]))],
+    stage: Annotated[str, typer.Argument(help=" | ".join([*NAMES, "run", "demo"]))],
     config: ConfigOpt = None,
     set_: SetOpt = None,
     run_dir: RunDirOpt = None,
@@ -185,6 +187,57 @@ def job_stop(job_id: JobIdArg, address: AddressOpt = None) -> None:
     from rayllm import jobs
 
     _table("job", _run(lambda: jobs.stop(job_id, address)))
+
+
+@app.command("run")
+def run_chain(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    run_dir: RunDirOpt = None,
+    until: Annotated[str | None, typer.Option(help=f"Stop after this stage: {' | '.join(NAMES)}.")] = None,
+    serve: Annotated[bool, typer.Option("--serve", help="End by serving the model (until Ctrl-C).")] = False,
+) -> None:
+    """The whole chain, resumable: prep -> tune (with tune.space) -> train -> eval [-> serve].
+
+    Stages whose config fields and inputs did not change since they last finished are skipped; an
+    interrupted train resumes from its checkpoint.
+    """
+    cfg = _load(config, set_, run_dir)
+    from rayllm import pipeline
+
+    _run(lambda: pipeline.run(cfg, until=until, serve=serve, console=console))
+    _status_table(RunDir.of(cfg).root, _run(lambda: pipeline.status(cfg)))
+
+
+@app.command()
+def status(
+    run_dir: Annotated[str, typer.Argument(help="The run directory.")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Each stage's state in a run dir (done / stale / interrupted / missing) and its headline figures.
+
+    Compared with the config `rayllm run` last saved there, or with --config/--set when given.
+    """
+    saved = Path(run_dir) / "run" / "config.yaml"
+    files = config or ([str(saved)] if saved.is_file() else [])
+    cfg = _load(files, set_, run_dir)
+    from rayllm import pipeline
+
+    _status_table(Path(run_dir), _run(lambda: pipeline.status(cfg)))
+
+
+def _status_table(root: Path, rows: list[dict[str, Any]]) -> None:
+    t = Table(title=f"rayllm status {root}", title_justify="left")
+    t.add_column("stage", style="cyan")
+    t.add_column("state")
+    t.add_column("figures")
+    for row in rows:
+        figures = {k: v for k, v in row.items() if k not in ("stage", "state") and v is not None}
+        shown = ", ".join(f"{k}={v:,.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items())
+        style = "green" if row["state"] == "done" else "yellow" if row["state"] != "missing" else "red"
+        t.add_row(row["stage"], f"[{style}]{escape(row['state'])}[/]", escape(shown[:150]))
+    out.print(t)
 
 
 @app.command()

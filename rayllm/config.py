@@ -162,6 +162,10 @@ class OptimizerConfig(Strict):
     betas: tuple[Fraction, Fraction] = Field((0.9, 0.95), description="adam/adamw moment decay rates")
     eps: PositiveFloat = Field(1e-8, description="adam/adamw denominator epsilon")
     momentum: Annotated[float, Field(ge=0, lt=1)] = Field(0.9, description="sgd momentum")
+    fused: bool | None = Field(
+        None,
+        description="adam/adamw: torch's fused kernel (one launch for all parameters); default on with GPUs",
+    )
 
 
 class ScheduleConfig(Strict):
@@ -296,8 +300,13 @@ class TrainConfig(Strict):
 
 # --------------------------------------------------------------------------------------------- tune
 class TuneConfig(Strict):
-    num_samples: PositiveInt = Field(
-        4, description="random samples of the space (each grid point this often)"
+    search: Literal["random", "optuna"] = Field(
+        "random",
+        description="random: lists are grids, the rest sampled; optuna: Optuna's TPE proposes points",
+    )
+    num_samples: PositiveInt | None = Field(
+        None,
+        description="trials (each grid point this many times); default 1 for a space of only lists, else 8",
     )
     scheduler: Literal["asha", "fifo"] = Field(
         "asha", description="asha stops weak trials early; fifo runs every trial to max_steps"
@@ -311,11 +320,13 @@ class TuneConfig(Strict):
     reduction_factor: Annotated[int, Field(ge=2)] = Field(
         2, description="asha: keep 1 of this many trials at each rung"
     )
-    max_concurrent: PositiveInt = Field(1, description="trials running at once")
+    max_concurrent: PositiveInt | None = Field(
+        None, description="trials running at once; default: as many as the cluster's CPUs (GPUs) hold"
+    )
     space: dict[str, Any] = Field(
         default_factory=dict,
-        description="config field -> values: a list (each value), {choice: [...]}, {grid: [...]}, "
-        "{uniform|loguniform|randint: [low, high]}",
+        description="config field -> values: a list (every value: a grid), {choice: [...]} (sampled), "
+        "{grid: [...]}, {uniform|loguniform|randint: [low, high]}",
     )
 
 

@@ -32,8 +32,8 @@ from rayllm.runtime import is_uri, worker_env
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
 
-# What a job runs: a stage of the table, or the whole demo pipeline.
-COMMANDS = (*stages.NAMES, "demo")
+# What a job runs: a stage of the table, the resumable chain (`rayllm run`), or the demo.
+COMMANDS = (*stages.NAMES, "run", "demo")
 ENTRYPOINT = "jobs/run_stage.py"
 # Config files are copied here for the upload: a config under a git-ignored folder (runs/...) or outside
 # the project would otherwise not reach the cluster. Must not be listed in .gitignore (Ray honors it).
@@ -317,12 +317,14 @@ def stop(job_id: str, address: str | None = None, timeout_s: float = 30.0) -> di
 
 # ---------------------------------------------------------------------------------- job entrypoint
 def _run_stage(stage: str, cfg: RunConfig) -> dict[str, Any]:
-    if stage == "demo":
+    if stage in ("run", "demo"):
         from rich.console import Console
 
-        from rayllm.pipeline import demo
+        from rayllm import pipeline
 
-        return demo(cfg, console=Console())
+        if stage == "run":
+            return pipeline.run(cfg, console=Console(stderr=True))
+        return pipeline.demo(cfg, console=Console())
     return stages.run_stage(stage, cfg)
 
 

@@ -1,43 +1,216 @@
-"""The whole pipeline in one Ray session: prep -> train -> eval -> serve one request.
+"""`rayllm run`: the stages of the table as one resumable chain, and `rayllm demo` on top of it.
 
-``rayllm demo`` / ``make demo`` run this on the embedded Shakespeare corpus; each step is the same
-stage entry (``rayllm.stages``) the CLI verbs call, so the demo exercises exactly what users run.
+prep -> tune (when ``tune.space`` is set) -> train (with the best trial's settings) -> eval ->
+serve (with ``--serve``), in one Ray session. Each stage's fingerprint is a hash of the config fields
+it reads and of the fingerprints of the stages it consumes (prep: also the size and time of every
+input file), recorded in ``<run_dir>/run/state.json``. A stage whose fingerprint and outputs match
+the record is skipped with one line saying so; a changed field re-runs that stage and, through the
+chain, every later one. An interrupted train resumes from its checkpoint when nothing that shapes
+the training changed, and starts over when something did.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import time
+from collections.abc import Callable
 from typing import Any
 
+import yaml
 from rich.console import Console
 
-from rayllm.config import RunConfig
+from rayllm.config import RunConfig, apply_overrides, validate_config
+from rayllm.errors import ConfigError
 from rayllm.rundir import RunDir
 from rayllm.runtime import ray_session
-from rayllm.stages import run_stage
+from rayllm.stages import NAMES, STAGES, Stage, get
 
 DEMO_PROMPT = "ROMEO:\n"
+# Train fields that change how long or how observably a run trains, not what it computes per step:
+# a run whose other fields are unchanged continues from its checkpoint (workers reshard).
+RESUMABLE = {
+    "max_steps", "log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints",
+    "max_failures", "collective_timeout_s", "export", "resume", "elastic_monitor_s", "workers",
+    "cpus_per_worker", "gpus_per_worker", "resources_per_worker", "storage",
+}  # fmt: skip
 
 
-def demo(cfg: RunConfig, console: Console | None = None) -> dict[str, Any]:
-    import httpx
+def _pick(raw: dict[str, Any], paths: tuple[str, ...]) -> dict[str, Any]:
+    out = {}
+    for path in paths:
+        node: Any = raw
+        for part in path.split("."):
+            node = node[part]
+        out[path] = node
+    return out
 
-    from rayllm.serve import stage as serve
 
-    console = console or Console()
+def _hash(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _source_stats(cfg: RunConfig) -> list[tuple[str, int, int]]:
+    """(path, bytes, mtime) of every prep input: an edited corpus re-runs prep."""
+    from rayllm.prep.sources import file_items
+    from rayllm.runtime import filesystem
+
+    out = []
+    for item in file_items(cfg.data):
+        fs, path = filesystem(item["path"])
+        info = fs.get_file_info(path)
+        out.append((item["path"], int(info.size or 0), int(info.mtime_ns or 0)))
+    return out
+
+
+def plan(cfg: RunConfig) -> dict[str, dict[str, Any]]:
+    """Each stage's inputs (config fields it reads, upstream fingerprints) and fingerprint."""
+    raw = cfg.dump()
+    raw["serve"]["api_keys"] = len(raw["serve"]["api_keys"])  # a changed key is no reason to re-run
+    out: dict[str, dict[str, Any]] = {}
+    for stage in STAGES:
+        inputs: dict[str, Any] = {"config": _pick(raw, stage.reads)}
+        inputs["upstream"] = {u: out[u]["fingerprint"] for u in stage.consumes if _wanted(get(u), cfg)}
+        if stage.name == "prep":
+            inputs["sources"] = _hash(_source_stats(cfg))
+        out[stage.name] = {"inputs": inputs, "fingerprint": _hash(inputs)}
+    train = out["train"]["inputs"]
+    identity = {k: v for k, v in train["config"]["train"].items() if k not in RESUMABLE}
+    out["train"]["identity"] = _hash(
+        {"train": identity, "model": train["config"]["model"], **train["upstream"]}
+    )
+    return out
+
+
+def _changed(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the fields that differ between two recorded inputs."""
+    keys = sorted(set(old) | set(new))
+    out: list[str] = []
+    for k in keys:
+        a, b = old.get(k), new.get(k)
+        name = f"{prefix}{k}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changed(a, b, f"{name}.")
+        elif a != b:
+            out.append(name)
+    return out
+
+
+def status(cfg: RunConfig) -> list[dict[str, Any]]:
+    """Each stage's state against ``cfg``: done, stale (what changed), interrupted, missing, or off."""
+    rd = RunDir.of(cfg)
+    record = rd.run_state()
+    if cfg.tune.space and rd.summary("tune"):
+        cfg = _with_best(cfg, rd)  # what train ran with
+    rows = []
+    for name, want in plan(cfg).items():
+        stage = get(name)
+        seen = record.get(name)
+        summary = rd.summary(name)
+        if not _wanted(stage, cfg):
+            state = "off"
+        elif seen is None:
+            state = "done (outside rayllm run)" if summary else "missing"
+        elif seen.get("status") != "done":
+            state = "interrupted"
+        elif seen["fingerprint"] != want["fingerprint"]:
+            state = "stale: " + ", ".join(_changed(seen["inputs"], want["inputs"])[:4])
+        else:
+            state = "done" if summary else "missing (outputs gone)"
+        figures = {k: summary.get(k) for k in stage.summary_keys} if summary else {}
+        rows.append({"stage": name, "state": state, **figures})
+    return rows
+
+
+def _wanted(stage: Stage, cfg: RunConfig) -> bool:
+    return stage.name != "tune" or bool(cfg.tune.space)
+
+
+def run(
+    cfg: RunConfig,
+    until: str | None = None,
+    serve: bool = False,
+    console: Console | None = None,
+    after: Callable[[RunConfig], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Run the chain up to ``until`` (default eval; serve with ``serve``), skipping stages that are
+    up to date. ``after`` runs last inside the same Ray session (the demo's one request)."""
+    console = console or Console(stderr=True)
+    rd = RunDir.of(cfg)
+    last = until or ("serve" if serve else "eval")
+    if last not in NAMES:
+        raise ConfigError(f"--until {last!r}: choose one of {', '.join(NAMES)}")
+    rd.start_stage(cfg, "run")
+    summaries: dict[str, Any] = {}
     with ray_session(cfg.cluster, use_gpu=cfg.train.use_gpu):
-        console.rule("[bold]1/4 prep[/]: Ray Data reads, cleans, dedups, trains the vocabulary, packs blocks")
-        p = run_stage("prep", cfg)
-        console.print(f"{p['documents_kept']:,} documents, {p['tokens']:,} tokens, {p['blocks']:,} blocks")
-        console.rule(f"[bold]2/4 train[/]: Ray Train + DeepSpeed ZeRO-{cfg.train.deepspeed.zero_stage}")
-        t = run_stage("train", cfg)
-        console.print(
-            f"val loss {t['val_loss_first']:.3f} -> {t['val_loss_last']:.3f}, "
-            f"{t['tokens_per_second']:,.0f} tokens/s, MFU {t['mfu']:.1%}"
-        )
-        console.rule("[bold]3/4 eval[/]: perplexity of the exported model on the validation split")
-        e = run_stage("eval", cfg)
-        console.print(f"loss {e['loss']:.3f}, perplexity {e['perplexity']:.1f}")
-        console.rule(f"[bold]4/4 serve[/]: Ray Serve, OpenAI-compatible API on {cfg.serve.host}")
+        for stage in STAGES[: NAMES.index(last) + 1]:
+            if not _wanted(stage, cfg):
+                console.print(f"[dim]{stage.name}: off (tune.space is empty)[/]")
+                continue
+            if stage.name == "train" and cfg.tune.space:
+                cfg = _with_best(cfg, rd)
+            want = plan(cfg)[stage.name]
+            seen = rd.run_state().get(stage.name) or {}
+            if stage.name != "serve" and _up_to_date(rd, stage.name, seen, want):
+                console.print(
+                    f"[green]{stage.name}[/]: up to date (fingerprint {want['fingerprint']}), skipped"
+                )
+                summaries[stage.name] = rd.summary(stage.name)
+                continue
+            reason = _reason(seen, want)
+            console.print(f"[bold]{stage.name}[/] ({stage.library}): {reason}")
+            stage_cfg = cfg
+            if stage.name == "train" and seen and seen.get("identity") != want["identity"]:
+                stage_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"resume": False})})
+            _record(rd, stage.name, want, "running")
+            summaries[stage.name] = stage.entry(stage_cfg)
+            _record(rd, stage.name, want, "done")
+        if after is not None:
+            summaries["after"] = after(cfg)
+    return summaries
+
+
+def _up_to_date(rd: RunDir, name: str, seen: dict[str, Any], want: dict[str, Any]) -> bool:
+    return (
+        seen.get("status") == "done"
+        and seen.get("fingerprint") == want["fingerprint"]
+        and bool(rd.summary(name))
+    )
+
+
+def _reason(seen: dict[str, Any], want: dict[str, Any]) -> str:
+    if not seen:
+        return "running"
+    if seen.get("status") != "done":
+        return "interrupted before, running again (train resumes from its last checkpoint)"
+    changed = _changed(seen["inputs"], want["inputs"])
+    return f"changed ({', '.join(changed[:4])}{', ...' if len(changed) > 4 else ''}), running again"
+
+
+def _record(rd: RunDir, name: str, want: dict[str, Any], status_: str) -> None:
+    state = rd.run_state()
+    state[name] = {**want, "status": status_, "time": round(time.time(), 1)}
+    rd.write_run_state(state)
+
+
+def _with_best(cfg: RunConfig, rd: RunDir) -> RunConfig:
+    """The config with the best tune trial's settings (tune/summary.json), for the train stage."""
+    best = rd.read_summary("tune")["best_params"]
+    overrides = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}" for k, v in best.items()]
+    return validate_config(apply_overrides(cfg.dump(), overrides), origin="tune/summary.json best_params")
+
+
+# --------------------------------------------------------------------------------------------- demo
+def demo(cfg: RunConfig, console: Console | None = None) -> dict[str, Any]:
+    """`rayllm demo`: the chain up to eval, then Ray Serve answers one request and stops."""
+    console = console or Console()
+
+    def one_request(cfg: RunConfig) -> dict[str, Any]:
+        import httpx
+
+        from rayllm.serve import stage as serve
+
+        console.rule(f"[bold]serve[/]: Ray Serve, OpenAI-compatible API on {cfg.serve.host}")
         url = serve.start(cfg)
         try:
             model = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
@@ -47,10 +220,14 @@ def demo(cfg: RunConfig, console: Console | None = None) -> dict[str, Any]:
                 timeout=120,
             )
             reply.raise_for_status()
-            sample = reply.json()["choices"][0]["text"]
         finally:
             serve.shutdown()
+        sample = reply.json()["choices"][0]["text"]
         console.print(f"[bold]sample[/] for {DEMO_PROMPT!r}:\n{DEMO_PROMPT}{sample}")
+        return {"url": url, "sample": DEMO_PROMPT + sample}
+
+    s = run(cfg, until="eval", console=console, after=one_request)
+    p, t, e = s["prep"], s["train"], s["eval"]
     summary = {
         "documents_kept": p["documents_kept"],
         "tokens": p["tokens"],
@@ -61,8 +238,7 @@ def demo(cfg: RunConfig, console: Console | None = None) -> dict[str, Any]:
         "eval_perplexity": e["perplexity"],
         "tokens_per_second": t["tokens_per_second"],
         "mfu": t["mfu"],
-        "url": url,
-        "sample": DEMO_PROMPT + sample,
+        **s["after"],
         "export_dir": t["export_dir"],
         "run_dir": str(RunDir.of(cfg).root),
     }

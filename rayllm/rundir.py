@@ -322,6 +322,14 @@ class RunDir:
         if fs.get_file_info(f"{root}/{TRAIN_RUN}").type != pafs.FileType.NotFound:
             fs.delete_dir(f"{root}/{TRAIN_RUN}")
 
+    def run_state(self) -> dict[str, Any]:
+        """``run/state.json``: what `rayllm run` recorded per stage (fingerprint, inputs, status)."""
+        p = self.root / "run" / "state.json"
+        return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
+
+    def write_run_state(self, state: dict[str, Any]) -> None:
+        write_json(self.stage("run") / "state.json", state)
+
     def model_dir(self, explicit: str | None, field: str) -> str:
         """The model a stage loads: ``field`` when set, else the run's export (train ``export_dir``)."""
         if explicit:

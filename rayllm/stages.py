@@ -24,6 +24,8 @@ class Stage:
     library: str  # the Ray library doing the work
     help: str
     summary_keys: tuple[str, ...]  # headline figures of its summary.json, in display order
+    reads: tuple[str, ...]  # the config sections/fields it depends on (its fingerprint in `rayllm run`)
+    consumes: tuple[str, ...] = ()  # the stages whose outputs it reads
 
     @property
     def entry(self) -> Callable[..., dict[str, Any]]:
@@ -37,6 +39,7 @@ STAGES: tuple[Stage, ...] = (
         "Ray Data",
         "Read, clean, dedup, build the vocabulary, tokenize and pack text into parquet blocks.",
         ("documents_kept", "tokens", "blocks", "vocab_size", "tokens_per_second"),
+        ("data",),
     ),
     Stage(
         "tune",
@@ -44,6 +47,8 @@ STAGES: tuple[Stage, ...] = (
         "Ray Tune",
         "Search optimizer / learning-rate settings with Ray Tune and ASHA early stopping.",
         ("trials", "trials_stopped_early", "best_value", "best_params"),
+        ("model", "train", "tune"),
+        ("prep",),
     ),
     Stage(
         "train",
@@ -51,6 +56,8 @@ STAGES: tuple[Stage, ...] = (
         "Ray Train + DeepSpeed",
         "Train with Ray Train + DeepSpeed ZeRO; resumes from the run's last checkpoint; exports HF weights.",
         ("steps", "val_loss_last", "tokens_per_second", "mfu", "export_dir"),
+        ("model", "train"),
+        ("prep", "tune"),
     ),
     Stage(
         "eval",
@@ -58,6 +65,8 @@ STAGES: tuple[Stage, ...] = (
         "Ray Data",
         "Perplexity and token accuracy of the exported model on the validation split.",
         ("loss", "perplexity", "token_accuracy"),
+        ("eval",),
+        ("prep", "train"),
     ),
     Stage(
         "serve",
@@ -65,6 +74,8 @@ STAGES: tuple[Stage, ...] = (
         "Ray Serve",
         "Serve the exported model over an OpenAI-compatible HTTP API (Ray Serve) until Ctrl-C.",
         ("url", "model"),
+        ("serve",),
+        ("train",),
     ),
 )
 NAMES = tuple(s.name for s in STAGES)

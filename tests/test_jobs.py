@@ -204,7 +204,7 @@ def test_entrypoint_user_error_exits_2(tmp_path: Path, capsys):
 
 def test_run_stage_script_help():
     r = subprocess.run([sys.executable, str(ROOT / jobs.ENTRYPOINT), "-h"], capture_output=True, text=True)
-    assert r.returncode == 0 and "{prep,tune,train,eval,serve,demo}" in r.stdout
+    assert r.returncode == 0 and "{prep,tune,train,eval,serve,run,demo}" in r.stdout
 
 
 # ---------------------------------------------------------------------------------- cluster YAMLs

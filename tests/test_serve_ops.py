@@ -128,12 +128,14 @@ def test_network_address_without_keys_refuses_to_start(model_dir: Path, tmp_path
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "serve.host=0.0.0.0" in lines[0] and "serve.api_keys" in lines[0]
     assert "serve.allow_unauthenticated" in lines[0]
+    from rayllm.config import ServeConfig
+    from rayllm.errors import ConfigError
+    from rayllm.serve.deployment import api_keys
+
     empty = tmp_path / "empty-keys"
-    empty.write_text("\n")
-    proc = subprocess.run(
-        [*base, *sets, "--set", f"serve.api_keys_file={empty}"], capture_output=True, text=True, timeout=120
-    )
-    assert proc.returncode == 2 and "holds no API key" in proc.stderr
+    empty.write_text("\n# comments only\n")
+    with pytest.raises(ConfigError, match=r"serve\.api_keys_file: .* holds no API key"):
+        api_keys(ServeConfig(api_keys_file=str(empty)))
 
 
 # ------------------------------------------------------------------------------ load and failures

@@ -51,7 +51,7 @@ def metrics(run_dir: Path) -> list[dict]:
     "deepspeed",
     [
         {"zero_stage": 0},
-        {"zero_stage": 1},
+        pytest.param({"zero_stage": 1}, marks=pytest.mark.slow),
         {"zero_stage": 2},
         {"zero_stage": 3},
         {"zero_stage": 2, "offload_optimizer": True},
@@ -183,6 +183,7 @@ def test_resize_two_one_two_workers(ray_cluster, prepped, tmp_path):
     assert two["val_loss_last"] == pytest.approx(ref["val_loss_last"], rel=2e-3)
 
 
+@pytest.mark.slow
 def test_elastic_range_starts_at_the_capacity_it_finds(ray_cluster, prepped, tmp_path):
     """workers=[1, 2] on a 2-CPU node: Ray Train V2's elastic policy starts 2 and the loop adapts."""
     from rayllm.train.stage import run as fit

@@ -1,8 +1,14 @@
-"""tune: real Ray Tune trials, each a real 2-worker DeepSpeed run, with ASHA."""
+"""tune: real Ray Tune trials, each a real 2-worker DeepSpeed run: a grid under ASHA, interrupted and
+resumed, its best config reproduced by `rayllm train`."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,27 +22,58 @@ def tune_cfg(prepped: RunConfig, run_dir: Path, space: dict, **tune) -> RunConfi
     raw = prepped.dump()
     raw["run_dir"] = str(run_dir)
     raw["train"]["data_dir"] = str(Path(prepped.run_dir) / "prep")
-    raw["train"].update(eval_every=4, checkpoint_every=8)
-    raw["tune"] = {"space": space, "max_steps": 8, "grace_period": 4, **tune}
+    raw["train"].update(eval_every=2, checkpoint_every=4)
+    raw["tune"] = {"space": space, "max_steps": 8, "grace_period": 2, **tune}
     return RunConfig.model_validate(raw)
 
 
-def test_search_hands_on_best_config_and_checkpoint(ray_cluster, prepped, tmp_path):
-    from rayllm.tune import run
+def test_grid_asha_resume_and_best_config(ray_cluster, prepped, tmp_path):
+    """A plain list is a grid (3 trials, not 1 sample); ASHA stops some early; a search killed after
+    its first finished trial resumes without re-running it; best.yaml reproduces the best trial."""
+    from rayllm.train.stage import run as train
 
-    space = {"train.optimizer.name": {"grid": ["sgd", "adamw"]}, "train.optimizer.lr": [3e-3]}
-    s = run(tune_cfg(prepped, tmp_path, space, num_samples=1))
-    assert s["trials"] == 2
-    values = {t["params"]["train.optimizer.name"]: t["val_loss"] for t in s["all"]}
-    assert s["best_value"] == min(v for v in values.values() if v is not None)
-    # plain SGD at this learning rate barely moves in 8 steps; AdamW wins
-    assert s["best_params"]["train.optimizer.name"] == "adamw"
-    best = load_config([s["best_config"]])
-    assert best.train.optimizer.name == "adamw" and best.train.max_steps == prepped.train.max_steps
-    assert s["best_checkpoint"] and (Path(s["best_checkpoint"]) / "rayllm_state.json").is_file()
-    saved = json.loads((tmp_path / "tune" / "summary.json").read_text())
-    assert saved["best_params"] == s["best_params"]
-    assert yaml.safe_load(Path(s["best_config"]).read_text())["train"]["optimizer"]["name"] == "adamw"
+    # One trial at a time: the later ones meet ASHA's rungs with the earlier ones' results there.
+    cfg = tune_cfg(prepped, tmp_path, {"train.optimizer.lr": [3e-3, 1e-2, 3e-5]}, max_concurrent=1)
+    config = tmp_path / "tune.yaml"
+    config.write_text(yaml.safe_dump(cfg.public()))
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    cmd = [sys.executable, "-m", "rayllm", "tune", "-c", str(config)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (finished := sorted((tmp_path / "tune" / "trials").glob("*/train/summary.json"))):
+        assert time.time() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() else ""
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first = finished[0].parent
+
+    def trained(folder: Path) -> list[str]:  # the rows of training steps (an export adds an event)
+        return [r for r in (folder / "metrics.jsonl").read_text().splitlines() if '"loss"' in r]
+
+    first_rows = trained(first)
+
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert trained(first) == first_rows  # restored as finished, not trained again
+    s = json.loads((tmp_path / "tune" / "summary.json").read_text())
+    assert s["trials"] == 3 and len({t["trial_id"] for t in s["all"]}) == 3
+    assert s["trials_stopped_early"] >= 1
+    assert s["trial_steps"] < 3 * 8
+    assert all(t["first_step_s"] is not None and t["first_step_s"] > 0 for t in s["all"])
+    assert s["best_params"]["train.optimizer.lr"] in (3e-3, 1e-2)
+    assert "tune trials by val_loss" in done.stderr  # the table, sorted by the metric
+    assert (tmp_path / "tune" / "curves.png").stat().st_size > 10_000
+    assert Path(s["best_export"], "model.safetensors").is_file()
+    rows = [json.loads(x) for x in (tmp_path / "tune" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all("val_loss" in r for r in rows)
+
+    # `rayllm train -c tune/best.yaml` runs the best settings as they are.
+    best = load_config([s["best_config"]], [f"train.max_steps={s['best_steps']}", "train.export=false"])
+    assert best.run_dir == str(tmp_path) and best.train.optimizer.lr == s["best_params"]["train.optimizer.lr"]
+    again = train(
+        load_config([s["best_config"]], [f"train.max_steps={s['best_steps']}"], str(tmp_path / "b"))
+    )
+    assert again["val_loss_last"] == pytest.approx(s["best_value"], rel=0.02)
 
 
 @pytest.mark.parametrize(
@@ -54,3 +91,20 @@ def test_bad_search_space_is_rejected_before_ray(prepped, tmp_path, space, messa
 
     with pytest.raises(ConfigError, match=message):
         run(tune_cfg(prepped, tmp_path, space))
+
+
+def test_lists_are_grids_and_optuna_samples_them():
+    from ray.tune.search.sample import Categorical
+
+    from rayllm.tune import num_samples, search_space
+
+    grid = search_space({"a": [1, 2], "b": {"choice": [3, 4]}})
+    assert grid["a"] == {"grid_search": [1, 2]} and isinstance(grid["b"], Categorical)
+    assert isinstance(search_space({"a": [1, 2]}, "optuna")["a"], Categorical)
+    with pytest.raises(ConfigError, match="optuna proposes points itself"):
+        search_space({"a": {"grid": [1, 2]}}, "optuna")
+    only_grid = RunConfig.model_validate({"tune": {"space": {"train.optimizer.lr": [1e-3, 3e-3]}}})
+    sampled = RunConfig.model_validate(
+        {"tune": {"space": {"train.optimizer.lr": {"loguniform": [1e-4, 1e-2]}}}}
+    )
+    assert num_samples(only_grid) == 1 and num_samples(sampled) == 8

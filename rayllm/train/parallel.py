@@ -80,7 +80,7 @@ def parallelize(
     if t.deepspeed.zero_stage == 3 and objective.impl != "full":
         # The fused/chunked loss reads the output embedding outside its module's forward.
         deepspeed.zero.register_external_parameter(objective, lm.get_output_embeddings().weight)
-    optimizer = None if t.deepspeed.offload_optimizer else build_optimizer(objective, t.optimizer)
+    optimizer = None if t.deepspeed.offload_optimizer else build_optimizer(objective, t.optimizer, t.use_gpu)
     engine, _, _, scheduler = deepspeed.initialize(
         model=objective,
         optimizer=optimizer,
@@ -100,14 +100,17 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: torch.nn.Module, o: OptimizerConfig) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: torch.nn.Module, o: OptimizerConfig, use_gpu: bool = False
+) -> torch.optim.Optimizer:
     groups = param_groups(model, o.weight_decay)
+    fused = use_gpu if o.fused is None else o.fused
     if o.name == "sgd":
         return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
     if o.name == "adam":
-        return torch.optim.Adam(groups, lr=o.lr, betas=o.betas, eps=o.eps)
+        return torch.optim.Adam(groups, lr=o.lr, betas=o.betas, eps=o.eps, fused=fused or None)
     if o.name == "adamw":
-        return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps)
+        return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, fused=fused or None)
     from transformers.optimization import Adafactor
 
     return Adafactor(groups, lr=o.lr, scale_parameter=False, relative_step=False, warmup_init=False)

@@ -1,0 +1,142 @@
+"""The one next-token loss (full and chunked) and the training switches, in-process on CPU.
+
+The switches are exercised through the same ``parallelize`` the Ray Train workers call: a one-rank
+DeepSpeed engine on gloo, ten steps per combination.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rayllm.model.loss import IGNORE, NextTokenLoss, chunked_linear_cross_entropy, resolve_impl, shift
+
+
+def assert_rel(got: torch.Tensor, want: torch.Tensor, rel: float) -> None:
+    """Relative to the tensor's size (an entry near zero has no meaningful relative error)."""
+    err = ((got - want).norm() / want.norm()).item()
+    assert err <= rel, f"relative error {err:.2e} > {rel:.0e}"
+
+
+def _reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(hidden @ weight.T, targets, ignore_index=IGNORE, reduction="sum")
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 1024])
+def test_chunked_loss_equals_cross_entropy_in_value_and_gradients(chunk: int) -> None:
+    """fp32, a vocabulary not a multiple of the chunk, a quarter of the targets ignored."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(150, 32, generator=g, requires_grad=True)
+    weight = torch.randn(1001, 32, generator=g, requires_grad=True)
+    targets = torch.randint(0, 1001, (150,), generator=g)
+    targets[torch.rand(150, generator=g) < 0.25] = IGNORE
+    want = _reference(hidden, weight, targets)
+    want_h, want_w = torch.autograd.grad(want * 1.7, (hidden, weight))
+    got, correct = chunked_linear_cross_entropy(hidden, weight, targets, chunk=chunk)
+    got_h, got_w = torch.autograd.grad(got * 1.7, (hidden, weight))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+    assert_rel(got_h, want_h, 1e-5)
+    assert_rel(got_w, want_w, 1e-5)
+    logits = hidden.detach() @ weight.detach().T
+    assert correct.item() == int(((logits.argmax(-1) == targets) & (targets != IGNORE)).sum())
+
+
+def _tiny_lm(tie: bool = True):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(
+        vocab_size=300, n_positions=64, n_embd=32, n_layer=2, n_head=2, tie_word_embeddings=tie,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    return GPT2LMHeadModel(cfg)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_model_loss_is_the_same_for_every_implementation(tie: bool) -> None:
+    lm = _tiny_lm(tie)
+    ids = torch.randint(0, 300, (3, 33), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[:, :10] = 0  # a prompt: only the answer tokens are targets
+    inputs, targets = shift(ids, mask)
+    assert (targets[:, :9] == IGNORE).all() and (targets[:, 9:] != IGNORE).all()
+    results = {}
+    for impl in ("full", "chunked"):
+        lm.zero_grad()
+        nll, count, correct = NextTokenLoss(lm, impl)(inputs, targets, accuracy=True)
+        (nll / count).backward()
+        results[impl] = (nll.detach(), count, correct, [p.grad.clone() for p in lm.parameters()])
+    (a, ca, ka, ga), (b, cb, kb, gb) = results["full"], results["chunked"]
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=0)
+    assert ca.item() == cb.item() == 3 * 23 and ka.item() == kb.item()
+    for x, y in zip(ga, gb, strict=True):
+        assert_rel(y, x, 1e-5)
+    assert resolve_impl("auto", lm, torch.device("cpu")) == "chunked"
+
+
+def test_packed_documents_do_not_attend_across_boundaries() -> None:
+    """position_ids that restart mark documents: an example's logits equal its logits alone."""
+    lm = _tiny_lm().eval()
+    a = torch.randint(1, 300, (1, 12), generator=torch.Generator().manual_seed(2))
+    b = torch.randint(1, 300, (1, 9), generator=torch.Generator().manual_seed(3))
+    packed = torch.cat([a, b], dim=1)
+    positions = torch.cat([torch.arange(12), torch.arange(9)])[None]
+    with torch.no_grad():
+        together = lm(input_ids=packed, position_ids=positions, use_cache=False).logits
+        alone = lm(input_ids=b, use_cache=False).logits
+        crossing = lm(input_ids=packed, use_cache=False).logits
+    torch.testing.assert_close(together[:, 12:], alone, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(crossing[:, 12:], alone, atol=1e-3)  # without boundaries it would differ
+
+
+# -------------------------------------------------------------------------------- training switches
+@pytest.fixture(scope="module")
+def one_rank_group():
+    """A one-rank gloo process group in this process, as a Ray Train worker has."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1"}
+        os.environ.update(env, LOCAL_RANK="0")
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+SWITCHES = list(itertools.product(["full", "chunked"], [False, True], [0, 2]))
+IDS = [f"{a}-fused{b}-zero{c}" for a, b, c in SWITCHES]
+
+
+@pytest.mark.parametrize(("loss", "fused", "zero"), SWITCHES, ids=IDS)
+def test_every_switch_combination_trains(one_rank_group, loss: str, fused: bool, zero: int) -> None:
+    from rayllm.config import TrainConfig
+    from rayllm.train.parallel import parallelize
+
+    t = TrainConfig(
+        workers=1, global_batch=8, micro_batch=4, max_steps=10, loss=loss,
+        optimizer={"name": "adamw", "lr": 3e-3, "fused": fused}, deepspeed={"zero_stage": zero},
+    )  # fmt: skip
+    lm = _tiny_lm()
+    engine, _ = parallelize(NextTokenLoss(lm, resolve_impl(t.loss, lm, torch.device("cpu"))), t, 1, False)
+    data = torch.randint(0, 300, (8, 33), generator=torch.Generator().manual_seed(4))
+    data[:, 16:] = data[:, :16].flip(1).repeat(1, 2)[:, :17]  # something learnable
+    losses = []
+    for _ in range(10):
+        total = 0.0
+        for m in range(0, 8, 4):
+            inputs, targets = shift(data[m : m + 4])
+            nll, count, _ = engine(inputs, targets)
+            engine.backward(nll / count * 2)  # the mean over the global batch's targets
+            engine.step()
+            total += nll.item() / count.item() / 2
+        losses.append(total)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0] - 0.3, losses
