@@ -190,7 +190,28 @@ class DeepSpeedConfig(Strict):
     activation_checkpointing: bool = Field(
         False, description="recompute block activations in backward: less memory, ~30% more compute"
     )
-    compile: bool = Field(False, description="torch.compile the model through DeepSpeed's engine")
+    compile: bool | None = Field(
+        None,
+        description="torch.compile each transformer block on its own (regional: short start-up), or the "
+        "whole engine under ZeRO-3; default on with GPUs",
+    )
+    overlap_comm: bool | None = Field(
+        None, description="overlap gradient reduction with the backward pass; default on with GPUs"
+    )
+    reduce_bucket_size: PositiveInt | None = Field(
+        None, description="elements per gradient-reduction bucket (DeepSpeed's default: 5e8)"
+    )
+    zero3_prefetch_bucket_size: PositiveInt | None = Field(
+        None, description="ZeRO-3: parameter elements fetched ahead of use (DeepSpeed's default: 5e7)"
+    )
+    zero3_param_persistence_threshold: NonNegInt | None = Field(
+        None,
+        description="ZeRO-3: parameters smaller than this stay gathered; default: all of them on one "
+        "worker (nothing to partition), DeepSpeed's 1e5 otherwise",
+    )
+    zero3_max_live_parameters: PositiveInt | None = Field(
+        None, description="ZeRO-3: gathered parameter elements held at once (DeepSpeed's default: 1e9)"
+    )
     extra: dict[str, Any] = Field(
         default_factory=dict, description="merged last into the generated DeepSpeed config"
     )
@@ -229,12 +250,16 @@ class TrainConfig(Strict):
         300, description="optimizer steps of the run (a resumed run continues to it)"
     )
     global_batch: PositiveInt = Field(16, description="sequences per optimizer step, all workers")
-    micro_batch: PositiveInt = Field(8, description="sequences per forward pass on one worker")
+    micro_batch: PositiveInt | Literal["auto"] = Field(
+        8,
+        description="sequences per forward pass on one worker; auto: the largest that fits in memory "
+        "(GPUs: probed; CPUs: estimated), the same on every worker",
+    )
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     loss: Literal["auto", "full", "chunked", "liger"] = Field(
-        "full",
+        "auto",
         description="next-token loss: full logits, chunked over positions (never materializes them), "
         "Liger Kernel's fused kernel (CUDA); auto: liger on CUDA when installed, else chunked",
     )
@@ -274,6 +299,7 @@ class TrainConfig(Strict):
         return (self.workers, self.workers) if isinstance(self.workers, int) else self.workers
 
     def grad_accum(self, world: int) -> int:
+        assert isinstance(self.micro_batch, int), "resolve micro_batch=auto first"
         return self.global_batch // (self.micro_batch * world)
 
     @model_validator(mode="after")
@@ -288,11 +314,12 @@ class TrainConfig(Strict):
     @model_validator(mode="after")
     def _batch_arithmetic(self) -> TrainConfig:
         lo, hi = self.worker_range
+        micro = 1 if self.micro_batch == "auto" else self.micro_batch  # auto picks a divisor
         for w in range(lo, hi + 1):
-            if self.global_batch % (self.micro_batch * w):
+            if self.global_batch % (micro * w):
                 raise ValueError(
                     f"global_batch={self.global_batch} is not divisible by micro_batch x workers = "
-                    f"{self.micro_batch} x {w} = {self.micro_batch * w}; pick a global_batch that is a "
+                    f"{micro} x {w} = {micro * w}; pick a global_batch that is a "
                     f"multiple of it (for elastic ranges, of every worker count in [{lo}, {hi}])"
                 )
         return self

@@ -140,3 +140,17 @@ def test_every_switch_combination_trains(one_rank_group, loss: str, fused: bool,
         losses.append(total)
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0] - 0.3, losses
+
+
+def test_micro_batch_auto_takes_the_largest_that_fits() -> None:
+    from rayllm.config import TrainConfig
+    from rayllm.train.parallel import resolve_micro_batch
+
+    objective = NextTokenLoss(_tiny_lm(), "chunked")
+    t = TrainConfig(workers=[1, 2], global_batch=24, micro_batch="auto")
+    cpu = torch.device("cpu")
+    assert resolve_micro_batch(t, 2, objective, cpu, seq_len=32) == 12  # the whole share: no accumulation
+    assert resolve_micro_batch(t, 1, objective, cpu, seq_len=32) == 24
+    assert resolve_micro_batch(t, 2, objective, cpu, seq_len=10**7) == 1  # nothing fits: the smallest
+    fixed = TrainConfig(workers=2, global_batch=24, micro_batch=4)
+    assert resolve_micro_batch(fixed, 2, objective, cpu, seq_len=32) == 4

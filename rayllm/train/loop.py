@@ -30,7 +30,7 @@ from rayllm.model.loss import NextTokenLoss, resolve_impl, shift
 from rayllm.rundir import INPUT_IDS, LOSS_MASK, POSITION_IDS, Manifest, MetricsWriter, registered_checkpoints
 from rayllm.train import checkpoint
 from rayllm.train.checkpoint import TrainState
-from rayllm.train.parallel import parallelize, peak_flops
+from rayllm.train.parallel import parallelize, peak_flops, resolve_micro_batch
 
 log = logging.getLogger("rayllm.train")
 
@@ -89,7 +89,6 @@ class Worker:
             self.metrics = MetricsWriter(out_dir / "metrics.jsonl")
             self.tb = SummaryWriter(str(out_dir / "tensorboard"))
         self.seq_len = self.manifest.seq_len
-        self.accum = t.grad_accum(self.world)
 
         torch.manual_seed(t.seed)
         m = self.manifest
@@ -98,6 +97,9 @@ class Worker:
         self.flops_per_token = flops_per_token(self.hf_config, count_params(model), self.seq_len)
         objective = NextTokenLoss(model, resolve_impl(t.loss, model, self.device))
 
+        micro = resolve_micro_batch(t, self.world, objective, self.device, self.seq_len)
+        t = self.t = t.model_copy(update={"micro_batch": micro})
+        self.accum = t.grad_accum(self.world)
         self.state = TrainState(world=self.world, zero_stage=t.deepspeed.zero_stage)
         ckpt, saved = ray.train.get_checkpoint(), None
         if ckpt is not None:

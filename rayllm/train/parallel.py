@@ -7,6 +7,7 @@ applied here from ``TrainConfig`` by ``parallelize`` (torchtitan's split between
 from __future__ import annotations
 
 import math
+import os
 import time
 from typing import Any
 
@@ -29,17 +30,32 @@ PEAK_FLOPS = {
 }
 
 
-def deepspeed_config(t: TrainConfig, world: int, load_universal: bool = False) -> dict[str, Any]:
+def deepspeed_config(
+    t: TrainConfig, world: int, load_universal: bool = False, n_params: int | None = None
+) -> dict[str, Any]:
     ds = t.deepspeed
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.zero_stage >= 1:
-        zero.update(contiguous_gradients=True, overlap_comm=t.use_gpu)
+        overlap = t.use_gpu if ds.overlap_comm is None else ds.overlap_comm
+        zero.update(contiguous_gradients=True, overlap_comm=overlap)
+        if ds.reduce_bucket_size:
+            zero["reduce_bucket_size"] = ds.reduce_bucket_size
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": t.use_gpu}
     if ds.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": t.use_gpu}
     if ds.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+        persist = ds.zero3_param_persistence_threshold
+        if persist is None and world == 1 and n_params:
+            persist = n_params  # one worker holds everything anyway: never release and re-gather
+        for key, value in (
+            ("stage3_param_persistence_threshold", persist),
+            ("stage3_prefetch_bucket_size", ds.zero3_prefetch_bucket_size),
+            ("stage3_max_live_parameters", ds.zero3_max_live_parameters),
+        ):
+            if value is not None:
+                zero[key] = value
     cfg: dict[str, Any] = {
         "train_batch_size": t.global_batch,
         "train_micro_batch_size_per_gpu": t.micro_batch,
@@ -86,11 +102,94 @@ def parallelize(
         optimizer=optimizer,
         model_parameters=None if optimizer else [p for p in objective.parameters() if p.requires_grad],
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.schedule, t.max_steps)),
-        config=deepspeed_config(t, world, load_universal=load_universal),
+        config=deepspeed_config(t, world, load_universal, sum(p.numel() for p in objective.parameters())),
     )
-    if t.deepspeed.compile:
-        engine.compile()
+    if t.deepspeed.compile if t.deepspeed.compile is not None else t.use_gpu:
+        compile_model(engine, objective, t.deepspeed.zero_stage)
     return engine, scheduler
+
+
+def compile_model(engine: Any, objective: NextTokenLoss, zero_stage: int) -> str:
+    """Regional compile: each transformer block on its own, so compile time is one block's and the
+    rest (embedding, loss) stays eager. ZeRO-3's parameter hooks live around every module, so there
+    DeepSpeed compiles the engine as a whole."""
+    blocks = _blocks(objective.lm)
+    if zero_stage == 3 or not blocks:
+        engine.compile()
+        return "engine"
+    for block in blocks:
+        block.compile()
+    return "blocks"
+
+
+def _blocks(lm: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated transformer blocks: the longest ``ModuleList`` in the model (h, layers, ...)."""
+    lists = [m for m in lm.modules() if isinstance(m, torch.nn.ModuleList)]
+    return list(max(lists, key=len)) if lists else []
+
+
+def resolve_micro_batch(
+    t: TrainConfig, world: int, objective: NextTokenLoss, device: torch.device, seq_len: int
+) -> int:
+    """``train.micro_batch: auto``: the largest divisor of this worker's share of the global batch
+    whose forward and backward fit. GPUs try it (out-of-memory means too large) with room left for
+    the optimizer state; CPUs estimate activations against available memory. All workers take the
+    smallest answer, since DeepSpeed needs one micro-batch size."""
+    import torch.distributed as dist
+
+    if isinstance(t.micro_batch, int):
+        return t.micro_batch
+    share = t.global_batch // world
+    sizes = [m for m in range(share, 0, -1) if share % m == 0]
+    n_params = sum(p.numel() for p in objective.parameters())
+    fits = _fits_gpu if device.type == "cuda" else _fits_cpu
+    chosen = next((m for m in sizes if fits(objective, m, seq_len, n_params, device)), 1)
+    if dist.is_initialized():
+        agreed = torch.tensor([chosen], device=device if device.type == "cuda" else "cpu")
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        chosen = int(agreed.item())
+    return chosen
+
+
+def _fits_cpu(
+    objective: NextTokenLoss, micro: int, seq_len: int, n_params: int, device: torch.device
+) -> bool:
+    """Activations (about 34 bytes per token, hidden unit and layer in fp32, plus attention scores)
+    within half of this worker's share of the memory that is free now."""
+    import psutil
+
+    cfg = objective.lm.config.get_text_config()
+    layers, d = cfg.num_hidden_layers, cfg.hidden_size
+    heads = cfg.num_attention_heads
+    activations = micro * seq_len * layers * (34 * d + 4 * heads * seq_len)
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return activations + 16 * n_params < 0.5 * psutil.virtual_memory().available / local
+
+
+def _fits_gpu(
+    objective: NextTokenLoss, micro: int, seq_len: int, n_params: int, device: torch.device
+) -> bool:
+    """One forward and backward at this size, with room for weights, gradients and Adam state."""
+    from rayllm.model.loss import shift
+
+    objective.to(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    total = torch.cuda.get_device_properties(device).total_memory
+    try:
+        ids = torch.randint(
+            0, objective.lm.config.get_text_config().vocab_size, (micro, seq_len + 1), device=device
+        )
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            nll, count, _ = objective(*shift(ids))
+        (nll / count).backward()
+        peak = torch.cuda.max_memory_allocated(device)
+    except torch.OutOfMemoryError:
+        return False
+    finally:
+        objective.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+    return peak + 12 * n_params < 0.9 * total  # fp32 master weights and two Adam moments still to come
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
