@@ -138,6 +138,11 @@ class ModelConfig(Strict):
     d_ff: PositiveInt | None = Field(None, description="MLP hidden size; default 4 x d_model (llama 8/3)")
     max_positions: PositiveInt = Field(1024, description="context length the model is built for")
     dropout: Fraction = Field(0.0, description="dropout on embeddings, attention and residuals")
+    activation: Literal["default", "gelu", "relu2", "silu"] = Field(
+        "default",
+        description="MLP activation: the family's own (gpt2 gelu, llama SwiGLU), or relu2 (squared ReLU, as "
+        "modded-nanogpt; gated in llama)",
+    )
     tie_embeddings: bool = Field(True, description="share the input embedding with the output layer")
     attention: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         "sdpa", description="attention kernel (flash_attention_2 needs the flash-attn package on GPUs)"
@@ -154,8 +159,22 @@ class ModelConfig(Strict):
 
 # -------------------------------------------------------------------------------------------- train
 class OptimizerConfig(Strict):
-    name: Literal["sgd", "adam", "adamw", "adafactor"] = Field("adamw", description="the optimizer")
-    lr: PositiveFloat = Field(1e-3, description="peak learning rate (the schedule scales it)")
+    name: Literal["sgd", "adam", "adamw", "adafactor", "muon"] = Field(
+        "adamw",
+        description="the optimizer; muon: DeepSpeed's Muon (orthogonalized momentum) for the hidden "
+        "weight matrices and AdamW for embeddings, output head, biases and norms (as modded-nanogpt)",
+    )
+    lr: PositiveFloat = Field(
+        1e-3, description="peak learning rate (the schedule scales it); with muon, the AdamW part's"
+    )
+    muon_lr: PositiveFloat = Field(0.02, description="muon: peak learning rate of the Muon part")
+    muon_momentum: Annotated[float, Field(ge=0, lt=1)] = Field(0.95, description="muon: Nesterov momentum")
+    lr_scaling: Literal["none", "linear", "sqrt"] = Field(
+        "none",
+        description="scale lr (and muon_lr) with global_batch / reference_batch: linearly (SGD-like) or by "
+        "its square root (Adam-like)",
+    )
+    reference_batch: PositiveInt = Field(16, description="the global batch the learning rates were tuned at")
     weight_decay: Annotated[float, Field(ge=0)] = Field(
         0.1, description="decoupled weight decay (adamw) or L2 (others); never on biases and norms"
     )
@@ -170,10 +189,15 @@ class OptimizerConfig(Strict):
 
 class ScheduleConfig(Strict):
     warmup_steps: NonNegInt = Field(0, description="steps of linear warmup from ~0 to the peak lr")
-    decay: Literal["constant", "linear", "cosine"] = Field(
-        "cosine", description="shape of the decay after warmup, down to min_lr_ratio at max_steps"
+    decay: Literal["constant", "linear", "cosine", "wsd"] = Field(
+        "cosine",
+        description="shape of the decay after warmup, down to min_lr_ratio at max_steps; wsd: stay at the "
+        "peak, then decay linearly over the last decay_fraction of the steps",
     )
     min_lr_ratio: Fraction = Field(0.1, description="final learning rate as a fraction of the peak")
+    decay_fraction: Annotated[float, Field(gt=0, le=1)] = Field(
+        0.2, description="wsd: share of the steps, at the end, spent decaying"
+    )
 
 
 class DeepSpeedConfig(Strict):
@@ -304,7 +328,7 @@ class TrainConfig(Strict):
 
     @model_validator(mode="after")
     def _offload_optimizer_is_adam(self) -> TrainConfig:
-        if self.deepspeed.offload_optimizer and self.optimizer.name not in ("adam", "adamw"):
+        if self.deepspeed.offload_optimizer and self.optimizer.name not in ("adam", "adamw"):  # muon too
             raise ValueError(
                 f"deepspeed.offload_optimizer runs DeepSpeedCPUAdam; optimizer.name={self.optimizer.name!r} "
                 "must be adam or adamw with offload"

@@ -56,6 +56,7 @@ TRAIN_RUN = "train"
 CKPT_TAG = "ckpt"
 STATE_FILE = "rayllm_state.json"
 EXPORT_INFO = "rayllm_export.json"
+EXPORT_CONFIG = "rayllm_config.yaml"  # the training run's config beside its exported weights
 
 
 def rng_file(rank: int) -> str:

@@ -111,18 +111,22 @@ def one_rank_group():
     dist.destroy_process_group()
 
 
-SWITCHES = list(itertools.product(["full", "chunked"], [False, True], [0, 2]))
-IDS = [f"{a}-fused{b}-zero{c}" for a, b, c in SWITCHES]
+SWITCHES = [
+    *itertools.product(["full", "chunked"], ["adamw", "adamw-fused"], [0, 2]),
+    *itertools.product(["chunked"], ["muon"], [0, 1, 2]),
+]
+IDS = [f"{a}-{b}-zero{c}" for a, b, c in SWITCHES]
 
 
-@pytest.mark.parametrize(("loss", "fused", "zero"), SWITCHES, ids=IDS)
-def test_every_switch_combination_trains(one_rank_group, loss: str, fused: bool, zero: int) -> None:
+@pytest.mark.parametrize(("loss", "optimizer", "zero"), SWITCHES, ids=IDS)
+def test_every_switch_combination_trains(one_rank_group, loss: str, optimizer: str, zero: int) -> None:
     from rayllm.config import TrainConfig
     from rayllm.train.parallel import parallelize
 
+    opt = {"name": optimizer.split("-")[0], "lr": 3e-3, "fused": optimizer.endswith("fused"), "muon_lr": 0.02}
     t = TrainConfig(
-        workers=1, global_batch=8, micro_batch=4, max_steps=10, loss=loss,
-        optimizer={"name": "adamw", "lr": 3e-3, "fused": fused}, deepspeed={"zero_stage": zero},
+        workers=1, global_batch=8, micro_batch=4, max_steps=10, loss=loss, optimizer=opt,
+        schedule={"decay": "wsd", "warmup_steps": 2}, deepspeed={"zero_stage": zero},
     )  # fmt: skip
     lm = _tiny_lm()
     engine, _ = parallelize(NextTokenLoss(lm, resolve_impl(t.loss, lm, torch.device("cpu"))), t, 1, False)
@@ -154,3 +158,73 @@ def test_micro_batch_auto_takes_the_largest_that_fits() -> None:
     assert resolve_micro_batch(t, 2, objective, cpu, seq_len=10**7) == 1  # nothing fits: the smallest
     fixed = TrainConfig(workers=2, global_batch=24, micro_batch=4)
     assert resolve_micro_batch(fixed, 2, objective, cpu, seq_len=32) == 4
+
+
+def test_muon_takes_the_hidden_matrices_and_adamw_the_rest(one_rank_group) -> None:
+    """GPT-2's wte/wpe are matrices by DeepSpeed's name rule; here they go to AdamW, as the head."""
+    from rayllm.config import TrainConfig
+    from rayllm.train.parallel import parallelize
+
+    lm = _tiny_lm(tie=False)
+    t = TrainConfig(workers=1, global_batch=8, micro_batch=4, optimizer={"name": "muon"})
+    engine, _ = parallelize(NextTokenLoss(lm, "chunked"), t, 1, False)
+    assert type(engine.optimizer.optimizer).__name__ == "MuonWithAuxAdam"
+    names = {n for n, p in lm.named_parameters() if p.use_muon}
+    assert names and all(n.startswith("transformer.h.") and n.endswith("weight") for n in names)
+    embeddings = (lm.transformer.wte.weight, lm.transformer.wpe.weight, lm.lm_head.weight)
+    assert not any(p.use_muon for p in embeddings)
+
+
+def test_warmup_stable_decay_and_batch_scaling() -> None:
+    from rayllm.config import ScheduleConfig, TrainConfig
+    from rayllm.train.parallel import lr_lambda, lr_scale
+
+    wsd = lr_lambda(ScheduleConfig(warmup_steps=10, decay="wsd", decay_fraction=0.2, min_lr_ratio=0.0), 100)
+    assert wsd(4) == pytest.approx(5 / 11) and wsd(10) == wsd(50) == wsd(80) == 1.0
+    assert wsd(90) == pytest.approx(0.5) and wsd(100) == 0.0
+    t = TrainConfig(
+        workers=1, global_batch=64, micro_batch=8, optimizer={"lr_scaling": "sqrt", "reference_batch": 16}
+    )
+    assert lr_scale(t) == pytest.approx(2.0)
+    assert lr_lambda(ScheduleConfig(decay="constant"), 10, lr_scale(t))(5) == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("zero", [0, 2])
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+def test_optimizer_and_schedule_state_resume_exactly(
+    one_rank_group, tmp_path, optimizer: str, zero: int
+) -> None:
+    """Ten steps straight, or five, a DeepSpeed checkpoint, a fresh engine loading it, five more:
+    the same losses (Muon's momentum, Adam's moments and the WSD schedule all come back)."""
+    from rayllm.config import TrainConfig
+    from rayllm.train.parallel import parallelize
+
+    t = TrainConfig(
+        workers=1, global_batch=8, micro_batch=8, max_steps=10, optimizer={"name": optimizer, "lr": 3e-3},
+        schedule={"decay": "wsd", "warmup_steps": 2, "decay_fraction": 0.5}, deepspeed={"zero_stage": zero},
+    )  # fmt: skip
+    data = torch.randint(0, 300, (8, 33), generator=torch.Generator().manual_seed(5))
+
+    def engine():
+        return parallelize(NextTokenLoss(_tiny_lm(), "chunked"), t, 1, False)[0]
+
+    def steps(e, n: int) -> list[float]:
+        out = []
+        for _ in range(n):
+            nll, count, _ = e(*shift(data))
+            e.backward(nll / count)
+            e.step()
+            out.append(nll.item() / count.item())
+        return out
+
+    straight = steps(engine(), 10)
+    first = engine()
+    losses = steps(first, 5)
+    first.save_checkpoint(str(tmp_path), tag="ckpt")
+    second = engine()
+    second.load_checkpoint(
+        str(tmp_path), tag="ckpt", load_optimizer_states=True, load_lr_scheduler_states=True
+    )
+    losses += steps(second, 5)
+    assert losses == pytest.approx(straight, rel=1e-6)
+    assert straight[-1] < straight[0] - 0.3

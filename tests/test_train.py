@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from rayllm.config import RunConfig
+from rayllm.config import RunConfig, load_config
 from rayllm.errors import ConfigError
 
 
@@ -83,9 +83,13 @@ def test_zero3_export_round_trip(ray_cluster, prepped, tmp_path):
 
     from rayllm.train.stage import run as fit
 
-    s = fit(run_cfg(prepped, tmp_path, deepspeed={"zero_stage": 3}))
+    cfg = run_cfg(prepped, tmp_path, deepspeed={"zero_stage": 3}, schedule={"decay": "wsd"})
+    s = fit(cfg)
     export = Path(s["export_dir"])
     assert (export / "model.safetensors").is_file() and (export / "tokenizer.json").is_file()
+    # The run's config travels with the weights: `rayllm train -c` of it trains the same way.
+    sidecar = load_config([export / "rayllm_config.yaml"])
+    assert sidecar.train == cfg.train and sidecar.model == cfg.model
     model = AutoModelForCausalLM.from_pretrained(export).eval()
     AutoTokenizer.from_pretrained(export)
     t = prepped.train
@@ -202,13 +206,24 @@ def _worker_pids() -> list[int]:
 
 
 @pytest.mark.slow
-def test_worker_killed_mid_run_resumes_exactly(ray_cluster, prepped, tmp_path):
+@pytest.mark.parametrize(
+    "recipe",
+    [{}, {"optimizer": {"name": "muon", "lr": 3e-3}, "schedule": {"decay": "wsd", "warmup_steps": 20}}],
+    ids=["adamw-cosine", "muon-wsd"],
+)
+def test_worker_killed_mid_run_resumes_exactly(ray_cluster, prepped, tmp_path, recipe):
     """SIGKILL a worker after a registered checkpoint: the run resumes there and ends like an unbroken one."""
     from rayllm.rundir import RunDir
     from rayllm.train.stage import run as fit
 
     common = dict(
-        max_steps=300, log_every=10, eval_every=50, checkpoint_every=50, export=False, max_failures=2
+        max_steps=300,
+        log_every=10,
+        eval_every=50,
+        checkpoint_every=50,
+        export=False,
+        max_failures=2,
+        **recipe,
     )
     # dropout makes the comparison depend on the restored per-rank RNG streams too
     ref = fit(run_cfg(prepped, tmp_path / "ref", model={"dropout": 0.1}, **common))

@@ -55,6 +55,7 @@ def model_config(cfg: ModelConfig, vocab_size: int, eos_id: int, pad_id: int) ->
             eos_token_id=eos_id,
             pad_token_id=pad_id,
             tie_word_embeddings=cfg.tie_embeddings,
+            **({} if cfg.activation == "default" else {"activation_function": cfg.activation}),
         )
     return LlamaConfig(
         vocab_size=vocab,
@@ -69,6 +70,7 @@ def model_config(cfg: ModelConfig, vocab_size: int, eos_id: int, pad_id: int) ->
         eos_token_id=eos_id,
         pad_token_id=pad_id,
         tie_word_embeddings=cfg.tie_embeddings,
+        **({} if cfg.activation == "default" else {"hidden_act": cfg.activation}),
     )
 
 

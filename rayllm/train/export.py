@@ -10,15 +10,22 @@ import contextlib
 import io
 import json
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from rayllm.errors import RunDirError
-from rayllm.rundir import CKPT_TAG, EXPORT_INFO, RunDir, read_checkpoint_state
+from rayllm.rundir import CKPT_TAG, EXPORT_CONFIG, EXPORT_INFO, RunDir, read_checkpoint_state
 
 # Training wraps the model in the loss module (``NextTokenLoss.lm``): its weights carry this prefix.
 PREFIX = "lm."
 
 
-def export_checkpoint(ckpt_dir: Path, out_dir: Path, tokenizer_dir: Path | None) -> Path:
+def export_checkpoint(
+    ckpt_dir: Path, out_dir: Path, tokenizer_dir: Path | None, config: dict[str, Any] | None = None
+) -> Path:
+    """The checkpoint's weights as a Hugging Face folder; ``config`` (the run's, without secrets) is
+    written beside them as ``rayllm_config.yaml``, so `rayllm train -c` of it trains the same way."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -51,6 +58,8 @@ def export_checkpoint(ckpt_dir: Path, out_dir: Path, tokenizer_dir: Path | None)
     model.save_pretrained(out_dir, safe_serialization=True)
     if tokenizer_dir is not None and tokenizer_dir.is_dir():
         AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out_dir)
+    if config is not None:
+        (out_dir / EXPORT_CONFIG).write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     (out_dir / EXPORT_INFO).write_text(
         json.dumps({"checkpoint": str(ckpt_dir), **state}, indent=2), encoding="utf-8"
     )
@@ -63,10 +72,12 @@ def export_run(run_dir: str, out_dir: str | None = None, checkpoint: str | None 
     rd = RunDir.load(run_dir)
     out = Path(out_dir) if out_dir else rd.export_dir
     tokenizer = rd.data.tokenizer_dir if rd.data.tokenizer_dir.is_dir() else None
+    saved = rd.stage("train", create=False) / "config.yaml"
+    config = yaml.safe_load(saved.read_text(encoding="utf-8")) if saved.is_file() else None
     if checkpoint:
-        return export_checkpoint(Path(checkpoint), out, tokenizer)
+        return export_checkpoint(Path(checkpoint), out, tokenizer, config)
     ckpt = rd.latest_checkpoint()
     if ckpt is None:
         raise RunDirError(f"no train checkpoint under {rd.storage}: run `rayllm train` first")
     with ckpt.as_directory() as d:
-        return export_checkpoint(Path(d), out, tokenizer)
+        return export_checkpoint(Path(d), out, tokenizer, config)

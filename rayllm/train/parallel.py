@@ -6,9 +6,11 @@ applied here from ``TrainConfig`` by ``parallelize`` (torchtitan's split between
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -71,9 +73,18 @@ def deepspeed_config(
     }
     if t.grad_clip > 0:
         cfg["gradient_clipping"] = t.grad_clip
-    if ds.offload_optimizer:
+    o = t.optimizer
+    if o.name == "muon":
+        # DeepSpeed's Muon partitions with ZeRO (it orthogonalizes whole matrices, then shards).
+        cfg["optimizer"] = {
+            "type": "Muon",
+            "params": {
+                "lr": o.lr, "muon_lr": o.muon_lr, "adam_lr": o.lr, "momentum": o.muon_momentum,
+                "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay,
+            },
+        }  # fmt: skip
+    elif ds.offload_optimizer:
         # DeepSpeed builds DeepSpeedCPUAdam itself when the optimizer lives in its config.
-        o = t.optimizer
         cfg["optimizer"] = {
             "type": "AdamW" if o.name == "adamw" else "Adam",
             "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay},
@@ -96,17 +107,45 @@ def parallelize(
     if t.deepspeed.zero_stage == 3 and objective.impl != "full":
         # The fused/chunked loss reads the output embedding outside its module's forward.
         deepspeed.zero.register_external_parameter(objective, lm.get_output_embeddings().weight)
-    optimizer = None if t.deepspeed.offload_optimizer else build_optimizer(objective, t.optimizer, t.use_gpu)
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=objective,
-        optimizer=optimizer,
-        model_parameters=None if optimizer else [p for p in objective.parameters() if p.requires_grad],
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.schedule, t.max_steps)),
-        config=deepspeed_config(t, world, load_universal, sum(p.numel() for p in objective.parameters())),
-    )
+    in_config = t.deepspeed.offload_optimizer or t.optimizer.name == "muon"  # DeepSpeed builds those
+    optimizer = None if in_config else build_optimizer(objective, t.optimizer, t.use_gpu)
+    schedule = lr_lambda(t.schedule, t.max_steps, lr_scale(t))
+    with _embeddings_not_muon(objective):
+        engine, _, _, scheduler = deepspeed.initialize(
+            model=objective,
+            optimizer=optimizer,
+            model_parameters=None if optimizer else param_groups(objective, t.optimizer.weight_decay),
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+            config=deepspeed_config(t, world, load_universal, sum(p.numel() for p in objective.parameters())),
+        )
     if t.deepspeed.compile if t.deepspeed.compile is not None else t.use_gpu:
         compile_model(engine, objective, t.deepspeed.zero_stage)
     return engine, scheduler
+
+
+@contextlib.contextmanager
+def _embeddings_not_muon(objective: NextTokenLoss) -> Iterator[None]:
+    """DeepSpeed picks Muon's matrices by name (not "embed", not "lm_head"); GPT-2's wte and wpe
+    are matrices by those rules. Every embedding table and the output head go to AdamW instead."""
+    import deepspeed
+
+    tag = deepspeed.set_optimizer_flags
+    aux = {id(m.weight) for m in objective.modules() if isinstance(m, torch.nn.Embedding)}
+    head = objective.lm.get_output_embeddings()
+    if head is not None:
+        aux.add(id(head.weight))
+
+    def set_flags(config: Any, model: torch.nn.Module) -> None:
+        tag(config, model)
+        for p in model.parameters():
+            if id(p) in aux and getattr(p, "use_muon", False):
+                p.use_muon = False
+
+    deepspeed.set_optimizer_flags = set_flags
+    try:
+        yield
+    finally:
+        deepspeed.set_optimizer_flags = tag
 
 
 def compile_model(engine: Any, objective: NextTokenLoss, zero_stage: int) -> str:
@@ -192,6 +231,12 @@ def _fits_gpu(
     return peak + 12 * n_params < 0.9 * total  # fp32 master weights and two Adam moments still to come
 
 
+def lr_scale(t: TrainConfig) -> float:
+    """The batch-size rule: learning rates tuned at ``reference_batch`` scaled to ``global_batch``."""
+    ratio = t.global_batch / t.optimizer.reference_batch
+    return {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[t.optimizer.lr_scaling]
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """No weight decay on biases and norm weights (1-d tensors), as GPT-2/nanoGPT train."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
@@ -215,14 +260,23 @@ def build_optimizer(
     return Adafactor(groups, lr=o.lr, scale_parameter=False, relative_step=False, warmup_init=False)
 
 
-def lr_lambda(s: ScheduleConfig, max_steps: int):
-    """Linear warmup, then constant / linear / cosine decay down to ``min_lr_ratio``."""
+def lr_lambda(s: ScheduleConfig, max_steps: int, scale: float = 1.0):
+    """Linear warmup, then constant / linear / cosine decay down to ``min_lr_ratio``, or
+    warmup-stable-decay (the peak until the last ``decay_fraction`` of the steps, then linear).
+    ``scale`` is the batch-size rule's factor on every learning rate."""
 
     def fn(step: int) -> float:
+        return scale * _shape(step)
+
+    def _shape(step: int) -> float:
         if step < s.warmup_steps:
             return (step + 1) / (s.warmup_steps + 1)
         if s.decay == "constant":
             return 1.0
+        if s.decay == "wsd":
+            start = max(s.warmup_steps, round(max_steps * (1 - s.decay_fraction)))
+            progress = min(1.0, max(0, step - start) / max(1, max_steps - start))
+            return s.min_lr_ratio + (1.0 - s.min_lr_ratio) * (1.0 - progress)
         progress = min(1.0, (step - s.warmup_steps) / max(1, max_steps - s.warmup_steps))
         shape = 1.0 - progress if s.decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
         return s.min_lr_ratio + (1.0 - s.min_lr_ratio) * shape

@@ -140,7 +140,8 @@ def run(
         summary["checkpoint"] = result.checkpoint.path
         if t.export:
             with result.checkpoint.as_directory() as d:
-                summary["export_dir"] = str(export_checkpoint(Path(d), rd.export_dir, rd.data.tokenizer_dir))
+                export = export_checkpoint(Path(d), rd.export_dir, rd.data.tokenizer_dir, cfg.public())
+                summary["export_dir"] = str(export)
     if result.error:
         raise result.error
     rd.write_summary("train", summary)
