@@ -68,11 +68,14 @@ CHECKSUMS = "checksums_rank{rank}.json"  # sha256 of every file one rank wrote i
 
 # ------------------------------------------------------------------------------------- stage files
 class MetricsWriter:
-    """Append-only jsonl; each line has ``time`` and the metrics, flushed so a crash loses nothing."""
+    """jsonl, one line per ``write`` with ``time`` and the metrics, flushed so a crash loses nothing.
 
-    def __init__(self, path: Path) -> None:
+    Appends by default (a resumed run continues its curve); ``replace`` starts the file afresh for
+    tables that are rewritten whole, such as tune's one row per trial."""
+
+    def __init__(self, path: Path, replace: bool = False) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = path.open("a", encoding="utf-8")
+        self._f = path.open("w" if replace else "a", encoding="utf-8")
 
     def write(self, **metrics: Any) -> None:
         self._f.write(json.dumps({"time": round(time.time(), 3), **metrics}, default=float) + "\n")
@@ -302,8 +305,8 @@ class RunDir:
             )
         return s
 
-    def metrics(self, name: str) -> MetricsWriter:
-        return MetricsWriter(self.stage(name) / METRICS)
+    def metrics(self, name: str, replace: bool = False) -> MetricsWriter:
+        return MetricsWriter(self.stage(name) / METRICS, replace)
 
     def read_metrics(self, name: str) -> list[dict[str, Any]]:
         return read_jsonl(self.stage(name, create=False) / METRICS)

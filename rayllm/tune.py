@@ -216,7 +216,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
             raise RuntimeError(f"no trial reported {tc.metric}: {[t['error'] for t in trials]}")
         best = min(scored, key=lambda t: t[tc.metric] if tc.mode == "min" else -t[tc.metric])
         export = _export_best(cfg, rd, out, best, train)
-    metrics = rd.metrics("tune")
+    metrics = rd.metrics("tune", replace=True)  # the whole search, restored trials included
     for t in trials:
         metrics.write(**t)
     metrics.close()
