@@ -30,6 +30,8 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_serve import PROMPTS, default_model, free_port, log, malformed, percentile
 
+FAILURES: list[str] = []  # why well-formed requests failed, for the report
+
 
 def replica_rss_mb() -> float:
     """Resident memory of the serving replica's process."""
@@ -54,14 +56,22 @@ async def send_good(c: httpx.AsyncClient, path: str, body: dict[str, Any]) -> in
     """Status of one well-formed request; a stream counts only when it ends with [DONE] and no error."""
     if not body.get("stream"):
         r = await c.post(path, json=body)
+        if r.status_code >= 500:
+            FAILURES.append(f"HTTP {r.status_code}: {r.text[:200]}")
         return r.status_code if r.status_code != 200 or r.json().get("choices") else 598
     async with c.stream("POST", path, json=body) as r:
         if r.status_code != 200:
             await r.aread()
             return r.status_code
         lines = [line async for line in r.aiter_lines() if line.startswith("data: ")]
-    complete = lines and lines[-1] == "data: [DONE]" and not any('"error"' in ln for ln in lines)
-    return 200 if complete else 597
+    if not lines or lines[-1] != "data: [DONE]":
+        FAILURES.append(f"stream ended without [DONE] after {len(lines)} events")
+        return 597
+    errors = [json.loads(ln[6:])["error"] for ln in lines[:-1] if "error" in json.loads(ln[6:])]
+    if errors:
+        FAILURES.append(f"error event: {errors[0]}")
+        return 597
+    return 200
 
 
 async def soak(url: str, clients: int, seconds: float) -> dict[str, Any]:
@@ -142,6 +152,8 @@ def main() -> None:
     rss0, rss1 = r["memory"][0][1], r["memory"][-1][1]
     print(f"well-formed: {sent} sent, {served} served, statuses {dict(r['good'])}", file=sys.stderr)
     print(f"malformed: statuses {dict(r['bad'])}", file=sys.stderr)
+    for failure in FAILURES[:5]:
+        print(f"failed: {failure}", file=sys.stderr)
     print(f"replica RSS MB over time: {r['memory']}", file=sys.stderr)
     print(
         json.dumps(

@@ -33,6 +33,7 @@ class TrainState:
     epoch: int = 0
     samples_in_epoch: int = 0
     tokens_seen: int = 0
+    train_seconds: float = 0.0  # wall time in training steps (data waits included; no eval, no checkpoints)
     world: int = 0
     zero_stage: int = 0
 

@@ -247,6 +247,7 @@ class Worker:
     def _train_metrics(self, window: _Window) -> dict[str, Any]:
         s = self.state
         nll, tokens, steps, seconds = window.take(self._all_reduce)
+        s.train_seconds += seconds
         tokens_per_s = steps * self.t.global_batch * self.seq_len / max(seconds, 1e-9)
         grad_norm = self.engine.get_global_grad_norm()
         out = {
@@ -258,6 +259,7 @@ class Worker:
             "step_time": seconds / max(steps, 1),
             "mfu": self.flops_per_token * tokens_per_s / self.peak,
             "tokens_seen": s.tokens_seen,
+            "train_seconds": round(s.train_seconds, 3),
             "world": self.world,
             "memory_mb": _memory_mb(self.device),
         }

@@ -190,5 +190,6 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "tokens_per_second": sum(r["tokens_per_second"] for r in timed) / max(len(timed), 1),
         "mfu": sum(r["mfu"] for r in timed) / max(len(timed), 1),
         "tokens_seen": train[-1]["tokens_seen"] if train else 0,
+        "train_seconds": train[-1].get("train_seconds") if train else None,
         "resumes": sum(1 for r in rows if r.get("event") == "resume"),
     }
