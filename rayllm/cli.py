@@ -130,6 +130,20 @@ def export(
     out.print(f"exported {path}")
 
 
+@app.command("import")
+def import_(
+    source: Annotated[
+        str, typer.Argument(help="A .gguf file (or pkg://package/file.gguf) or a Hugging Face model folder.")
+    ],
+    out_dir: Annotated[str | None, typer.Option("--out", help="Default: models/<file name>.")] = None,
+) -> None:
+    """A pretrained model as a plain Hugging Face folder that model.path, eval and serve load offline."""
+    from rayllm.model.imports import import_model
+
+    path = _run(lambda: import_model(source, Path(out_dir) if out_dir else None))
+    out.print(f"imported {path}")
+
+
 @app.command()
 def submit(
     stage: Annotated[str, typer.Argument(help=" | ".join([*NAMES, "run", "demo"]))],

@@ -118,9 +118,28 @@ class DataConfig(Strict):
     )
     tokenize_batch: PositiveInt = Field(2048, description="documents a prep task encodes at a time (memory)")
     keep_doc_boundaries: bool = Field(
-        False, description="also write position_ids restarting after each EOS (document-masked attention)"
+        False,
+        description="also write position_ids restarting after each EOS: attention stays within each "
+        "document, and positions restart with it",
+    )
+    task: Literal["lm", "sft"] = Field(
+        "lm",
+        description="lm: plain text, every token a target; sft: jsonl examples ({messages: [...]} or "
+        "{prompt, completion}) rendered with the tokenizer's chat template, the loss on the answer only, "
+        "packed whole with attention kept within each example (needs data.tokenizer.path)",
     )
     max_docs: PositiveInt | None = Field(None, description="cap on kept documents (quick runs)")
+
+    @model_validator(mode="after")
+    def _sft_needs_the_model_tokenizer(self) -> DataConfig:
+        if self.task == "sft" and not self.tokenizer.path:
+            raise ValueError(
+                "data.task=sft needs data.tokenizer.path: the tokenizer (and chat template) of the model "
+                "being fine-tuned, e.g. the folder `rayllm import` wrote"
+            )
+        if self.task == "sft" and self.clean.dedup == "minhash":
+            raise ValueError("data.task=sft dedups exact copies only: set data.clean.dedup to exact or none")
+        return self
 
 
 # -------------------------------------------------------------------------------------------- model
@@ -249,6 +268,27 @@ class DeepSpeedConfig(Strict):
         return self
 
 
+class LoraConfig(Strict):
+    """Low-rank adapters (peft's LoRA) instead of full fine-tuning: the base weights stay frozen, so
+    gradients and optimizer state cover only the adapters; the export merges them into the weights."""
+
+    r: NonNegInt = Field(0, description="adapter rank; 0: off (every weight trains)")
+    alpha: PositiveFloat = Field(16.0, description="adapter scale numerator (the update is alpha / r)")
+    dropout: Annotated[float, Field(ge=0, lt=1)] = Field(0.0, description="dropout on the adapter input")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear",
+        description="module names that get adapters (e.g. [q_proj, v_proj]); all-linear: every linear "
+        "layer but the output head",
+    )
+
+    def peft(self) -> Any:
+        from peft import LoraConfig as PeftLoraConfig
+
+        return PeftLoraConfig(
+            r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=self.target_modules
+        )
+
+
 class TrainConfig(Strict):
     data_dir: str | None = Field(None, description="packed data; default: <run_dir>/prep")
     storage: str | None = Field(
@@ -282,6 +322,7 @@ class TrainConfig(Strict):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
     loss: Literal["auto", "full", "chunked", "liger"] = Field(
         "auto",
         description="next-token loss: full logits, chunked over positions (never materializes them), "
@@ -317,6 +358,14 @@ class TrainConfig(Strict):
         if isinstance(v, tuple) and v[0] > v[1]:
             raise ValueError(f"elastic range [min, max] needs min <= max, got [{v[0]}, {v[1]}]")
         return v
+
+    @model_validator(mode="after")
+    def _lora_with_one_optimizer(self) -> TrainConfig:
+        if self.lora.r and self.optimizer.name == "muon":
+            raise ValueError("train.lora needs an adam/adamw/sgd/adafactor optimizer, not muon")
+        if self.lora.r and self.deepspeed.zero_stage == 3:
+            raise ValueError("train.lora works with deepspeed.zero_stage 0-2 (adapters are small)")
+        return self
 
     @property
     def worker_range(self) -> tuple[int, int]:
@@ -382,6 +431,31 @@ class TuneConfig(Strict):
 
 
 # --------------------------------------------------------------------------------------------- eval
+class EvalTaskConfig(Strict):
+    """One downstream task: a jsonl file of {prompt, completion} examples, scored by its kind."""
+
+    name: str = Field(description="the task's name in the summary and the predictions folder")
+    file: str = Field(description="jsonl: prompt, completion (the reference); answers (qa); tests (code)")
+    kind: Literal["translation", "summarization", "qa", "classification", "code"] = Field(
+        description="translation: BLEU, chrF; summarization: ROUGE-1/2/L; qa: exact match, F1; "
+        "classification: accuracy, precision, recall, F1; code: pass@k of the tests"
+    )
+    target_lang: str = Field(
+        "", description="translation: the target language (zh: BLEU's Chinese tokenizer)"
+    )
+    max_new_tokens: PositiveInt = Field(64, description="the longest answer generated")
+    samples: PositiveInt = Field(1, description="answers per prompt (code: for pass@k); 1 is greedy")
+    temperature: Annotated[float, Field(ge=0, le=2)] = Field(
+        0.8, description="sampling temperature with samples > 1"
+    )
+    k: list[PositiveInt] = Field(
+        default_factory=lambda: [1], description="code: the k of pass@k (each <= samples)"
+    )
+    max_examples: PositiveInt | None = Field(None, description="score only the file's first examples")
+    timeout_s: PositiveFloat = Field(5.0, description="code: seconds a candidate's tests may run")
+    memory_mb: PositiveInt = Field(512, description="code: memory a candidate's process may use")
+
+
 class EvalConfig(Strict):
     model_dir: str | None = Field(None, description="default: the run's exported model")
     batch_size: PositiveInt = Field(8, description="packed blocks per scoring forward pass")
@@ -394,6 +468,29 @@ class EvalConfig(Strict):
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="scoring precision; auto: bf16 on GPUs, fp32 on CPUs"
     )
+    lm: bool = Field(
+        True, description="score loss and perplexity on the validation split (when there is one)"
+    )
+    tasks: list[EvalTaskConfig] = Field(
+        default_factory=list, description="downstream tasks; see eval.tasks[]"
+    )
+    endpoint: str | None = Field(
+        None,
+        description="answer the tasks with a served model's OpenAI-compatible API at this base URL "
+        "(e.g. http://127.0.0.1:8000/v1; key from $OPENAI_API_KEY) instead of the exported model",
+    )
+    endpoint_model: str | None = Field(
+        None, description="the model id to ask the endpoint for; default its first"
+    )
+
+    @model_validator(mode="after")
+    def _k_within_samples(self) -> EvalConfig:
+        for t in self.tasks:
+            if t.kind == "code" and max(t.k) > t.samples:
+                raise ValueError(
+                    f"tasks[{t.name}]: pass@{max(t.k)} needs samples >= {max(t.k)}, got {t.samples}"
+                )
+        return self
 
 
 # -------------------------------------------------------------------------------------------- serve
@@ -628,10 +725,13 @@ def reference_markdown() -> str:
                 args = getattr(ann, "__args__", ())
                 subs = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
                 sub = subs[0] if subs else None
-            if sub is not None and name != "sources":
-                nested.append((name, sub))
+            listed = get_origin(ann) is list  # a list of sections: a row here, its fields below
+            if sub is not None and not listed:
+                nested.append((f"{prefix}{name}.", sub))
                 continue
-            default = "[]" if name == "sources" else field.get_default(call_default_factory=True)
+            if listed and sub is not None:
+                nested.append((f"{prefix}{name}[].", sub))
+            default = "[]" if listed else field.get_default(call_default_factory=True)
             default = "required" if field.is_required() else default
             rows.append(f"| `{prefix}{name}` | {_type_name(ann)} | `{default}` | {field.description or ''} |")
         if rows:
@@ -643,9 +743,8 @@ def reference_markdown() -> str:
                     *rows,
                 ]
             )
-        for name, sub in nested:
-            walk(sub, f"{prefix}{name}.")
+        for sub_prefix, sub in nested:
+            walk(sub, sub_prefix)
 
     walk(RunConfig, "")
-    walk(SourceConfig, "data.sources[].")
     return "\n".join(lines).strip() + "\n"

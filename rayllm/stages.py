@@ -64,7 +64,7 @@ STAGES: tuple[Stage, ...] = (
         "rayllm.eval.stage",
         "Ray Data",
         "Perplexity and token accuracy of the exported model on the validation split.",
-        ("loss", "perplexity", "token_accuracy"),
+        ("loss", "perplexity", "token_accuracy", "tasks"),
         ("eval",),
         ("prep", "train"),
     ),

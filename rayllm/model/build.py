@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from rayllm.config import ModelConfig
+from rayllm.config import LoraConfig, ModelConfig
 from rayllm.errors import ConfigError
 
 
@@ -103,6 +103,30 @@ def build_model(cfg: ModelConfig, hf_config: Any) -> Any:
         raise ConfigError(
             f"model.attention={cfg.attention}: {e}; use sdpa or install what it needs"
         ) from None
+
+
+def add_adapters(model: Any, lora: LoraConfig) -> Any:
+    """LoRA adapters injected in place (peft): the model keeps its own class and modules, so the loss
+    and the parallel wrappers see a plain transformers model; only adapter weights train."""
+    from peft import inject_adapter_in_model
+
+    model = inject_adapter_in_model(lora.peft(), model)
+    for name, p in model.named_parameters():
+        p.requires_grad = "lora_" in name
+    return model
+
+
+def merge_adapters(model: Any, lora: LoraConfig, weights: dict[str, Any]) -> Any:
+    """A plain model whose weights are ``weights`` (base + adapters, as training saved them) with the
+    adapters merged in: what an export holds, loadable without peft."""
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(model, lora.peft())
+    missing, unexpected = peft_model.base_model.model.load_state_dict(weights, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight")} if model.config.tie_word_embeddings else set()
+    if unexpected or set(missing) - tied:
+        raise RuntimeError(f"adapter weights do not match: missing={missing} unexpected={unexpected}")
+    return peft_model.merge_and_unload()
 
 
 def flops_per_token(hf_config: Any, n_params: int, seq_len: int) -> float:

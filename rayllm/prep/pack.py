@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from rayllm.rundir import INPUT_IDS, POSITION_IDS
+from rayllm.rundir import INPUT_IDS, LOSS_MASK, POSITION_IDS
 
 
 def position_ids(blocks: np.ndarray, eos_id: int) -> np.ndarray:
@@ -73,3 +73,60 @@ class Packer:
             columns[POSITION_IDS] = position_ids(blocks, self.boundaries_eos)
         self.writer.write(columns)
         self.blocks += len(blocks)
+
+
+class ExamplePacker:
+    """Fine-tuning examples packed whole into blocks: an example that does not fit in what is left of
+    a block starts the next one, and the rest is padding (no loss). Positions restart with every
+    example, so attention stays within it; ``loss_mask`` marks the answer tokens."""
+
+    def __init__(self, writer: Any, shard_rows: int, pad_id: int) -> None:
+        self.writer, self.shard_rows, self.pad_id = writer, shard_rows, pad_id
+        self.block_len = writer.block_len
+        self.rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.ids: list[np.ndarray] = []
+        self.masks: list[np.ndarray] = []
+        self.used = 0
+        self.blocks = 0
+        self.tokens_in = 0
+        self.padding = 0
+
+    def add(self, ids: np.ndarray, mask: np.ndarray) -> None:
+        """One example (callers drop those longer than a block)."""
+        if self.used + len(ids) > self.block_len:
+            self._close_block()
+        self.ids.append(ids.astype(np.int32, copy=False))
+        self.masks.append(mask.astype(np.int32, copy=False))
+        self.used += len(ids)
+        self.tokens_in += len(ids)
+
+    def _close_block(self) -> None:
+        if not self.ids:
+            return
+        pad = self.block_len - self.used
+        self.padding += pad
+        parts = [*self.ids, np.full(pad, self.pad_id, np.int32)]
+        positions = [np.arange(len(x), dtype=np.int32) for x in (*self.ids, parts[-1])]
+        self.rows.append(
+            (
+                np.concatenate(parts),
+                np.concatenate([*self.masks, np.zeros(pad, np.int32)]),
+                np.concatenate(positions),
+            )
+        )
+        self.ids, self.masks, self.used = [], [], 0
+        if len(self.rows) == self.shard_rows:
+            self._write()
+
+    def _write(self) -> None:
+        ids, masks, positions = (np.stack(col) for col in zip(*self.rows, strict=True))
+        self.writer.write({INPUT_IDS: ids, LOSS_MASK: masks, POSITION_IDS: positions})
+        self.blocks += len(self.rows)
+        self.rows = []
+
+    def finish(self) -> int:
+        """Write what is left; returns 0 (no example is cut: the padding is counted apart)."""
+        self._close_block()
+        if self.rows:
+            self._write()
+        return 0

@@ -93,6 +93,8 @@ def file_items(cfg: DataConfig) -> list[dict[str, Any]]:
     items = []
     for i, src in enumerate(cfg.sources):
         files = list_files(src, i)
+        if cfg.task == "sft" and any((src.format or infer_format(f)) != "jsonl" for f in files):
+            raise DataError(f"data.sources[{i}]: data.task=sft reads jsonl examples; {src.path} is not jsonl")
         fs, _ = filesystem(files[0])
         sizes = [info.size or 0 for info in fs.get_file_info([filesystem(f)[1] for f in files])]
         for f, size in zip(files, sizes, strict=True):
@@ -106,6 +108,7 @@ def file_items(cfg: DataConfig) -> list[dict[str, Any]]:
                     "text_field": src.text_field,
                     "id_field": src.id_field or "",
                     "weight": src.weight,
+                    "sft": cfg.task == "sft",
                 }
             )
     return items
@@ -237,6 +240,13 @@ class _Reader:
             except json.JSONDecodeError as e:
                 yield self.bad("malformed_json", str(i), f"malformed JSON ({e.msg} at column {e.colno})")
                 continue
+            if self.item.get("sft"):
+                messages = sft_messages(obj)
+                if isinstance(messages, str):
+                    yield self.bad("malformed_example", str(i), messages)
+                else:
+                    yield self.row(json.dumps(messages, ensure_ascii=False), str(i), reason)
+                continue
             if not isinstance(obj, dict) or field not in obj:
                 yield self.bad(
                     "missing_field",
@@ -274,6 +284,30 @@ class _Reader:
                 yield self.row(value, f"row{i}")
             else:
                 yield self.bad("missing_field", f"row{i}", f"column {field!r} is null or not text")
+
+
+def sft_messages(obj: Any) -> list[dict[str, str]] | str:
+    """A fine-tuning example as chat messages ending with the answer, or what is wrong with it."""
+    if isinstance(obj, dict) and isinstance(obj.get("messages"), list):
+        messages = obj["messages"]
+        if not messages or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages
+        ):
+            return "'messages' must be a non-empty list of {role, content} strings"
+        if messages[-1]["role"] != "assistant":
+            return "the last message must be the assistant's (the answer the loss is on)"
+        return [{"role": m["role"], "content": m["content"]} for m in messages]
+    if (
+        isinstance(obj, dict)
+        and isinstance(obj.get("prompt"), str)
+        and isinstance(obj.get("completion"), str)
+    ):
+        return [
+            {"role": "user", "content": obj["prompt"]},
+            {"role": "assistant", "content": obj["completion"]},
+        ]
+    return "a fine-tuning example needs 'messages' or string fields 'prompt' and 'completion'"
 
 
 def read_file(item: dict[str, Any], on_error: str, invalid_utf8: str) -> Iterator[dict[str, Any]]:

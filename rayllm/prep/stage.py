@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 from rayllm.config import DataConfig, RunConfig
 from rayllm.errors import DataError
 from rayllm.prep.clean import MINHASH_SCHEME, clean_batch, hash_fraction
-from rayllm.prep.pack import Packer
+from rayllm.prep.pack import ExamplePacker, Packer
 from rayllm.prep.sources import ROW_SCHEMA, file_items, read_file
 from rayllm.prep.tokenizer import (
     Encoder,
@@ -37,7 +37,7 @@ from rayllm.prep.tokenizer import (
     tokenizer_hash,
     train_tokenizer,
 )
-from rayllm.rundir import INPUT_IDS, POSITION_IDS, SPLITS, PackedData, RunDir
+from rayllm.rundir import INPUT_IDS, LOSS_MASK, POSITION_IDS, SPLITS, PackedData, RunDir
 from rayllm.runtime import apply_env, ray_session
 
 # Share of documents that a fast engine's ids are checked on against the tokenizers library.
@@ -94,6 +94,44 @@ def tokenize_batch(
         sigs = minhash_signatures([t if i in wanted else "" for i, t in enumerate(texts)], minhash_perm)
         cols["minhash"] = pa.array([s.hashvalues.astype(np.uint64).tobytes() for s in sigs], type=pa.binary())
     return pa.table(cols)
+
+
+def tokenize_examples(batch: pa.Table, tok_dir: str, block_len: int) -> pa.Table:
+    """Fine-tuning examples (chat messages as JSON) -> token ids and loss masks through the model's
+    chat template; an example longer than a block is dropped and counted (``longer_than_block``)."""
+    from rayllm.model import chat
+    from rayllm.prep.tokenizer import hf_tokenizer
+
+    tokenizer = hf_tokenizer(tok_dir)
+    reasons = batch.column("reason").to_pylist()
+    ids: list[list[int]] = []
+    masks: list[list[int]] = []
+    for i, (text, copies) in enumerate(
+        zip(batch.column("text").to_pylist(), batch.column("copies").to_pylist(), strict=True)
+    ):
+        if reasons[i] or not copies:
+            ids.append([])
+            masks.append([])
+            continue
+        try:
+            tokens, mask = chat.prompt_and_answer(tokenizer, json.loads(text))
+        except ValueError as e:
+            raise DataError(f"data.tokenizer.path={tok_dir}: {e}") from None
+        if len(tokens) > block_len:
+            reasons[i], tokens, mask = "longer_than_block", [], []
+        ids.append(tokens)
+        masks.append(mask)
+    return pa.table(
+        {
+            "ids": pa.array(ids, type=pa.large_list(pa.int32())),
+            "mask": pa.array(masks, type=pa.large_list(pa.int8())),
+            "hash": batch.column("hash"),
+            "split": batch.column("split"),
+            "reason": pa.array(reasons, type=pa.string()),
+            "copies": batch.column("copies"),
+            "note": batch.column("note"),
+        }
+    )
 
 
 def _check_sample(encoder: Encoder, docs: list[str], encoded: list[list[int]], hashes: list[str]) -> None:
@@ -202,16 +240,23 @@ def _token_stream(dcfg: DataConfig, bins: list[list[dict[str, Any]]], vocab: Voc
     """read -> clean -> tokenize in one task per bin of files, then a sort by content hash: it makes
     exact duplicates adjacent (the driver drops them), gives a shuffled deterministic document
     order, and makes the output independent of source order and sharding."""
-    fn_kwargs = {
-        "tok_json": vocab.json,
-        "fast": vocab.fast,
-        "eos_id": vocab.eos_id,
-        "chunk": dcfg.tokenize_batch,
-        "minhash_perm": 128 if dcfg.clean.dedup == "minhash" else 0,
-    }
+    if dcfg.task == "sft":
+        fn: Any = tokenize_examples
+        fn_kwargs: dict[str, Any] = {"tok_dir": str(vocab.dir), "block_len": dcfg.seq_len + 1}
+    else:
+        fn, fn_kwargs = (
+            tokenize_batch,
+            {
+                "tok_json": vocab.json,
+                "fast": vocab.fast,
+                "eos_id": vocab.eos_id,
+                "chunk": dcfg.tokenize_batch,
+                "minhash_perm": 128 if dcfg.clean.dedup == "minhash" else 0,
+            },
+        )
     return (
         _read_clean(dcfg, bins)
-        .map_batches(tokenize_batch, batch_format="pyarrow", batch_size=None, fn_kwargs=fn_kwargs)
+        .map_batches(fn, batch_format="pyarrow", batch_size=None, fn_kwargs=fn_kwargs)
         .sort(["hash", "copies"], descending=[False, True])
     )
 
@@ -264,7 +309,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                 else:
                     vocab = _describe(_train_vocabulary(dcfg, bins, tok_dir), tok_dir, engine)
                 phases["vocabulary"] = time.time() - t0 - phases["start_ray"]
-                stats = _pack_stream(_token_stream(dcfg, bins, vocab), dcfg, out, vocab.eos_id)
+                stats = _pack_stream(_token_stream(dcfg, bins, vocab), dcfg, out, vocab)
                 seconds = time.time() - t0  # shards written; stopping a Ray this stage started is not work
     phases["read_clean_tokenize_sort_pack"] = seconds - sum(phases.values())
     manifest = {
@@ -275,7 +320,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         "pad_id": vocab.pad_id,
         "seq_len": dcfg.seq_len,
         "block_len": dcfg.seq_len + 1,
-        "columns": [INPUT_IDS, POSITION_IDS] if dcfg.keep_doc_boundaries else [INPUT_IDS],
+        "columns": _columns(dcfg),
+        "task": dcfg.task,
         "tokenizer_hash": tokenizer_hash(tok_dir),
         "tokenizer_engine": "tokenizers" if vocab.fast is None else "tiktoken",
         "seconds": round(seconds, 2),
@@ -303,10 +349,22 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     return summary
 
 
-def _pack_stream(tokens: Any, dcfg: DataConfig, out: PackedData, eos_id: int) -> dict[str, Any]:
+def _columns(dcfg: DataConfig) -> list[str]:
+    if dcfg.task == "sft":
+        return [INPUT_IDS, LOSS_MASK, POSITION_IDS]
+    return [INPUT_IDS, POSITION_IDS] if dcfg.keep_doc_boundaries else [INPUT_IDS]
+
+
+def _pack_stream(tokens: Any, dcfg: DataConfig, out: PackedData, vocab: Vocabulary) -> dict[str, Any]:
     block_len = dcfg.seq_len + 1
-    eos = eos_id if dcfg.keep_doc_boundaries else None
-    packers = {s: Packer(out.writer(s, block_len), dcfg.shard_rows, eos) for s in SPLITS}
+    eos = vocab.eos_id if dcfg.keep_doc_boundaries else None
+    sft = dcfg.task == "sft"
+    packers: dict[str, Any] = {
+        s: ExamplePacker(out.writer(s, block_len), dcfg.shard_rows, vocab.pad_id)
+        if sft
+        else Packer(out.writer(s, block_len), dcfg.shard_rows, eos)
+        for s in SPLITS
+    }
     dropped: Counter[str] = Counter()
     notes: Counter[str] = Counter()
     read = kept = 0
@@ -342,7 +400,11 @@ def _pack_stream(tokens: Any, dcfg: DataConfig, out: PackedData, eos_id: int) ->
         notes.update(n for n in batch.column("note").to_pylist() if n)
         ids = batch.column("ids")
         for split, idx in take.items():
-            if idx:
+            if idx and sft:
+                masks = batch.column("mask")
+                for i in idx:
+                    packers[split].add(ids[i].values.to_numpy(), masks[i].values.to_numpy())
+            elif idx:
                 flat = pc.list_flatten(ids.take(pa.array(idx)))
                 packers[split].add(flat.to_numpy())
         if dcfg.max_docs is not None and kept >= dcfg.max_docs:
@@ -371,6 +433,7 @@ def _pack_stream(tokens: Any, dcfg: DataConfig, out: PackedData, eos_id: int) ->
         "tokens_dropped_tail": tails,
         "blocks": blocks,
         "shards": packers["train"].writer.shards + packers["val"].writer.shards,
+        **({"padding_tokens": {s: p.padding for s, p in packers.items()}} if sft else {}),
     }
 
 

@@ -29,20 +29,13 @@ from pydantic import (
 )
 
 from rayllm.config import ServeConfig
+from rayllm.model import chat
 from rayllm.serve.engine import Engine, GenerationStream, Output, SamplingParams, TokenLogprob
 
 TokenIds = list[StrictInt]
 Prompt = StrictStr | list[StrictStr] | TokenIds | list[TokenIds]
 Stop = StrictStr | Annotated[list[StrictStr], Field(max_length=16)] | None
 MAX_SEED = 2**63 - 1
-# For tokenizers without a chat template (base models such as the ones `rayllm train` exports):
-# "System: ...\nUser: ...\nAssistant:" turns. A base model then tends to write the next "User:" turn
-# itself, so that is also a stop string whenever this template is in use.
-FALLBACK_CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}Assistant:{% endif %}"
-)
-FALLBACK_CHAT_STOP = "\nUser:"
 UNION_HINTS = {
     "prompt": "must be a string, a list of strings, a list of token ids or a list of token-id lists",
     "stop": "must be a string or a list of at most 16 strings",
@@ -211,8 +204,7 @@ class OpenAIHandler:
         self.engine, self.cfg, self.model_name, self.submit = engine, cfg, model_name, submit
         self.tokenizer = engine.tokenizer
         self.created = int(time.time())
-        self.chat_template = self.tokenizer.chat_template or FALLBACK_CHAT_TEMPLATE
-        self.chat_stops = () if self.tokenizer.chat_template else (FALLBACK_CHAT_STOP,)
+        self.chat_stops = chat.stops(self.tokenizer)  # the fallback template's turn marker
 
     # ------------------------------------------------------------------------------ validation
     def check_model(self, model: str | None) -> None:
@@ -251,9 +243,7 @@ class OpenAIHandler:
     def chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
         messages = [{"role": m.role, "content": m.text} for m in req.messages]
         try:
-            text = self.tokenizer.apply_chat_template(
-                messages, chat_template=self.chat_template, add_generation_prompt=True, tokenize=False
-            )
+            text = chat.render(self.tokenizer, messages, add_generation_prompt=True)
         except jinja2.TemplateError as e:
             raise APIError(400, f"messages do not fit the model's chat template: {e}", "messages") from None
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -14,7 +14,9 @@ from typing import Any
 
 import yaml
 
+from rayllm.config import LoraConfig
 from rayllm.errors import RunDirError
+from rayllm.model.build import merge_adapters
 from rayllm.rundir import CKPT_TAG, EXPORT_CONFIG, EXPORT_INFO, RunDir, read_checkpoint_state
 
 # Training wraps the model in the loss module (``NextTokenLoss.lm``): its weights carry this prefix.
@@ -47,7 +49,12 @@ def export_checkpoint(
             weights = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=CKPT_TAG)
     weights = {k.removeprefix(PREFIX): v for k, v in weights.items()}
     model = AutoModelForCausalLM.from_config(hf_config)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    lora = LoraConfig(**config["train"]["lora"]) if config and config["train"].get("lora") else None
+    if lora is not None and lora.r:
+        # Base weights plus adapters, merged: a plain model again, loadable without peft.
+        model, (missing, unexpected) = merge_adapters(model, lora, weights), ([], [])
+    else:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
     tied = {k for k in missing if k.endswith("lm_head.weight")} if hf_config.tie_word_embeddings else set()
     if set(missing) - tied or unexpected:
         raise RuntimeError(

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from rayllm.config import RunConfig
-from rayllm.model.build import build_model, count_params, flops_per_token, model_config
+from rayllm.model.build import add_adapters, build_model, count_params, flops_per_token, model_config
 from rayllm.model.loss import NextTokenLoss, resolve_impl, shift
 from rayllm.rundir import INPUT_IDS, LOSS_MASK, POSITION_IDS, Manifest, MetricsWriter, registered_checkpoints
 from rayllm.train import checkpoint
@@ -94,6 +94,8 @@ class Worker:
         m = self.manifest
         self.hf_config = model_config(self.cfg.model, m.vocab_size, m.eos_id, m.pad_id)
         model = build_model(self.cfg.model, self.hf_config)
+        if t.lora.r:
+            model = add_adapters(model, t.lora)
         self.flops_per_token = flops_per_token(self.hf_config, count_params(model), self.seq_len)
         objective = NextTokenLoss(model, resolve_impl(t.loss, model, self.device))
 
