@@ -147,25 +147,30 @@ def test_skip_policy_counts_what_it_skips(cli_env, tmp_path):
     assert m["documents_read"] == m["documents_kept"] + sum(m["dropped"].values())
 
 
-def test_errors_inside_train_workers_tune_trials_and_serve_replicas(cli_env, prepped, tmp_path):
-    """User errors raised far from the CLI: in a Ray Train worker, inside a Ray Tune trial's
-    workers, and in a Ray Serve replica's constructor. Each still ends as one line, exit 2."""
+FLASH = ["--set", "model.attention=flash_attention_2"]  # not installed on CPU machines
+FLASH_ERROR = r"model\.attention=flash_attention_2: FlashAttention2 .*; use sdpa"
+
+
+def _from_prepped(prepped) -> list[str]:
+    data = Path(prepped.run_dir) / "prep"
+    sets = [f"train.data_dir={data}", "train.max_failures=0"]
+    return ["-c", str(data / "config.yaml"), *(x for s in sets for x in ("--set", s))]
+
+
+def test_errors_inside_train_workers(cli_env, prepped, tmp_path):
+    """A user error raised in a Ray Train worker, far from the CLI, still ends as one line, exit 2."""
+    base = _from_prepped(prepped)
+    one_line_exit_2(rayllm(cli_env, "train", "-r", str(tmp_path / "train"), *base, *FLASH), FLASH_ERROR)
+
+
+@pytest.mark.slow
+def test_errors_inside_tune_trials_and_serve_replicas(cli_env, prepped, tmp_path):
+    """The same inside a Ray Tune trial's workers, and in a Ray Serve replica's constructor."""
     from serve_helpers import make_tiny_gpt2
 
-    data = Path(prepped.run_dir) / "prep"
-    base = [
-        "-c",
-        str(data / "config.yaml"),
-        "--set",
-        f"train.data_dir={data}",
-        "--set",
-        "train.max_failures=0",
-    ]
-    flash = ["--set", "model.attention=flash_attention_2"]  # not installed on CPU machines
-    pattern = r"model\.attention=flash_attention_2: FlashAttention2 .*; use sdpa"
-    one_line_exit_2(rayllm(cli_env, "train", "-r", str(tmp_path / "train"), *base, *flash), pattern)
+    base = _from_prepped(prepped)
     trial = ["--set", "tune.space={model.attention: [flash_attention_2]}", "--set", "tune.num_samples=1"]
-    one_line_exit_2(rayllm(cli_env, "tune", "-r", str(tmp_path / "tune"), *base, *trial), pattern)
+    one_line_exit_2(rayllm(cli_env, "tune", "-r", str(tmp_path / "tune"), *base, *trial), FLASH_ERROR)
 
     broken = make_tiny_gpt2(tmp_path / "broken")
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")

@@ -109,6 +109,7 @@ def _prep_jobs(url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert len(jobs.client(url).list_jobs()) == before
 
 
+@pytest.mark.slow
 def test_token_auth_head(tmp_path: Path):
     """Ray 2.60 token auth, end to end through the CLI: one clear line without the token, a job with it."""
     token = secrets.token_hex(16)

@@ -53,7 +53,7 @@ def metrics(run_dir: Path) -> list[dict]:
         {"zero_stage": 0},
         pytest.param({"zero_stage": 1}, marks=pytest.mark.slow),
         {"zero_stage": 2},
-        {"zero_stage": 3},
+        pytest.param({"zero_stage": 3}, marks=pytest.mark.slow),  # also trained by the export test
         {"zero_stage": 2, "offload_optimizer": True},
         {"zero_stage": 3, "offload_optimizer": True, "offload_params": True},
     ],
@@ -103,6 +103,7 @@ def test_zero3_export_round_trip(ray_cluster, prepped, tmp_path):
     assert loss.item() == pytest.approx(s["val_loss_last"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_continue_from_local_hf_folder_with_bf16_and_activation_checkpointing(ray_cluster, prepped, tmp_path):
     """model.path: a local HF folder (an export) is the starting point; bf16 + checkpointing on CPU."""
     from rayllm.train.stage import run as fit
@@ -166,6 +167,7 @@ def test_torch_compile(ray_cluster, prepped, tmp_path):
     assert s["steps"] == 12 and s["val_loss_last"] < s["val_loss_first"] - 0.3
 
 
+@pytest.mark.slow
 def test_resize_two_one_two_workers(ray_cluster, prepped, tmp_path):
     """Train at 2 workers, resume the same run at 1 (universal checkpoint), then back at 2; equal to an
     unbroken run that streams its data instead of materializing it."""

@@ -1,4 +1,4 @@
-"""tune: real Ray Tune trials, each a real 2-worker DeepSpeed run: a grid under ASHA, interrupted and
+"""tune: real Ray Tune trials, each a real DeepSpeed run: a grid under ASHA, interrupted and
 resumed, its best config reproduced by `rayllm train`."""
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ def tune_cfg(prepped: RunConfig, run_dir: Path, space: dict, **tune) -> RunConfi
     raw = prepped.dump()
     raw["run_dir"] = str(run_dir)
     raw["train"]["data_dir"] = str(Path(prepped.run_dir) / "prep")
-    raw["train"].update(eval_every=2, checkpoint_every=4)
+    # One worker per trial: trials are real DeepSpeed runs; 2-worker runs are train's tests.
+    raw["train"].update(eval_every=2, checkpoint_every=4, workers=1, micro_batch=8)
     raw["tune"] = {"space": space, "max_steps": 8, "grace_period": 2, **tune}
     return RunConfig.model_validate(raw)
 
