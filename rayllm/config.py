@@ -8,12 +8,14 @@ dotted field path and what is allowed (as axolotl does), and the resolved config
 from __future__ import annotations
 
 import copy
+import os
 import types
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -25,6 +27,15 @@ from pydantic import (
 
 from rayllm.errors import ConfigError
 
+
+def _absolute(path: str | None) -> str | None:
+    """A local path as an absolute one: Ray workers run in other directories than the CLI."""
+    if path is None or "://" in path:
+        return path
+    return os.path.abspath(os.path.expanduser(path))
+
+
+LocalPath = Annotated[str, AfterValidator(_absolute)]
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -84,7 +95,7 @@ class CleanConfig(Strict):
 
 
 class TokenizerConfig(Strict):
-    path: str | None = Field(None, description="load this local tokenizer folder instead of training")
+    path: LocalPath | None = Field(None, description="load this local tokenizer folder instead of training")
     vocab_size: Annotated[int, Field(ge=260, le=1_000_000)] = Field(
         8192, description="size of the trained byte-level BPE vocabulary (special tokens included)"
     )
@@ -144,7 +155,7 @@ class DataConfig(Strict):
 
 # -------------------------------------------------------------------------------------------- model
 class ModelConfig(Strict):
-    path: str | None = Field(None, description="local Hugging Face folder; overrides the shape below")
+    path: LocalPath | None = Field(None, description="local Hugging Face folder; overrides the shape below")
     family: Literal["gpt2", "llama"] = Field(
         "gpt2", description="architecture of a model built from scratch (learned positions / RoPE+SwiGLU)"
     )
@@ -435,7 +446,9 @@ class EvalTaskConfig(Strict):
     """One downstream task: a jsonl file of {prompt, completion} examples, scored by its kind."""
 
     name: str = Field(description="the task's name in the summary and the predictions folder")
-    file: str = Field(description="jsonl: prompt, completion (the reference); answers (qa); tests (code)")
+    file: LocalPath = Field(
+        description="jsonl: prompt, completion (the reference); answers (qa); tests (code)"
+    )
     kind: Literal["translation", "summarization", "qa", "classification", "code"] = Field(
         description="translation: BLEU, chrF; summarization: ROUGE-1/2/L; qa: exact match, F1; "
         "classification: accuracy, precision, recall, F1; code: pass@k of the tests"
@@ -457,7 +470,7 @@ class EvalTaskConfig(Strict):
 
 
 class EvalConfig(Strict):
-    model_dir: str | None = Field(None, description="default: the run's exported model")
+    model_dir: LocalPath | None = Field(None, description="default: the run's exported model")
     batch_size: PositiveInt = Field(8, description="packed blocks per scoring forward pass")
     max_batches: PositiveInt | None = Field(None, description="score only the split's first batches")
     actors: PositiveInt = Field(1, description="scoring actors (each loads the model once)")
@@ -515,7 +528,7 @@ class ReplicaConfig(Strict):
 
 
 class ServeConfig(Strict):
-    model_dir: str | None = Field(None, description="default: the run's exported model")
+    model_dir: LocalPath | None = Field(None, description="default: the run's exported model")
     model_name: str | None = Field(None, description="id clients send; default: the folder name")
     host: str = Field("127.0.0.1", description="address the HTTP proxy binds")
     port: Annotated[int, Field(ge=1, le=65535)] = Field(8000, description="HTTP port")
