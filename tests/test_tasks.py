@@ -403,3 +403,25 @@ def test_import_gguf_gives_the_logits_transformers_reads_from_it(tmp_path: Path)
 
     bad = subprocess.run([*cmd[:4], str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "not a Hugging Face model folder" in bad.stderr
+
+
+def test_lora_trains_only_adapters_and_mfu_counts_frozen_weights_at_four_flops() -> None:
+    """Adapters are the only trainable weights; a frozen weight does no weight-gradient matmul, so
+    training FLOPs per token are 6 per trainable and 4 per frozen parameter (plus attention)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rayllm.config import LoraConfig
+    from rayllm.model.build import add_adapters, count_params, flops_per_token
+
+    cfg = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, tie_word_embeddings=True)  # fmt: skip
+    model = LlamaForCausalLM(cfg)
+    base = count_params(model)
+    model = add_adapters(model, LoraConfig(r=4))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_A" in n or "lora_B" in n for n in trainable)
+    adapters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert count_params(model, frozen=True) == base and count_params(model) == base + adapters
+    attention = 12 * 2 * 64 * 32
+    assert flops_per_token(cfg, base + adapters, 32, base) == 6 * adapters + 4 * base + attention
+    assert type(model) is LlamaForCausalLM  # injected in place: the loss sees a plain model

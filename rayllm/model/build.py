@@ -129,19 +129,21 @@ def merge_adapters(model: Any, lora: LoraConfig, weights: dict[str, Any]) -> Any
     return peft_model.merge_and_unload()
 
 
-def flops_per_token(hf_config: Any, n_params: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6N for the matmuls plus 12*L*d*T for attention (PaLM appendix B)."""
+def flops_per_token(hf_config: Any, n_params: int, seq_len: int, frozen: int = 0) -> float:
+    """Training FLOPs per token: 6N for the matmuls plus 12*L*d*T for attention (PaLM appendix B);
+    a frozen weight (LoRA's base) costs 4 (forward and input gradient, no weight gradient)."""
     layers = getattr(hf_config, "num_hidden_layers", None) or hf_config.n_layer
     d = getattr(hf_config, "hidden_size", None) or hf_config.n_embd
-    return 6.0 * n_params + 12.0 * layers * d * seq_len
+    return 6.0 * n_params - 2.0 * frozen + 12.0 * layers * d * seq_len
 
 
-def count_params(model: Any, exclude_embeddings: bool = True) -> int:
-    """Parameters that do matmul work per token: the input embedding lookup is not a matmul."""
-    total = sum(p.numel() for p in model.parameters())
+def count_params(model: Any, exclude_embeddings: bool = True, frozen: bool = False) -> int:
+    """Parameters that do matmul work per token: the input embedding lookup is not a matmul.
+    ``frozen``: only those that do not train."""
+    total = sum(p.numel() for p in model.parameters() if not (frozen and p.requires_grad))
     if exclude_embeddings:
         emb = model.get_input_embeddings().weight
         tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is emb
-        if not tied:
+        if not tied and not (frozen and emb.requires_grad):
             total -= emb.numel()
     return total

@@ -96,7 +96,8 @@ class Worker:
         model = build_model(self.cfg.model, self.hf_config)
         if t.lora.r:
             model = add_adapters(model, t.lora)
-        self.flops_per_token = flops_per_token(self.hf_config, count_params(model), self.seq_len)
+        frozen = count_params(model, frozen=True) if t.lora.r else 0
+        self.flops_per_token = flops_per_token(self.hf_config, count_params(model), self.seq_len, frozen)
         objective = NextTokenLoss(model, resolve_impl(t.loss, model, self.device))
 
         micro = resolve_micro_batch(t, self.world, objective, self.device, self.seq_len)
