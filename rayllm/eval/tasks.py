@@ -10,7 +10,9 @@ with ``eval.gpus_per_actor``), or against a served model over its OpenAI-compati
 from __future__ import annotations
 
 import json
+import logging
 import re
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,6 +23,8 @@ import numpy as np
 from rayllm.config import EvalConfig, EvalTaskConfig
 from rayllm.errors import DataError
 from rayllm.eval import metrics
+
+log = logging.getLogger("rayllm")
 
 
 def read_task(task: EvalTaskConfig) -> list[dict[str, Any]]:
@@ -142,9 +146,19 @@ def generate_local(
         num_gpus=e.gpus_per_actor,
     )
     answers: dict[int, list[str]] = {}
+    t0, shown = time.time(), 0.0
     for b in out.iter_batches(batch_format="numpy", batch_size=None):
         for i, p in zip(b["index"], b["predictions"], strict=True):
             answers[int(i)] = json.loads(p)
+        if time.time() - shown > 10:  # progress on a long generation, every 10 s at most
+            shown = time.time()
+            log.info(
+                "eval %s: %d of %d prompts answered (%.0f s)",
+                task.name,
+                len(answers),
+                len(prompts),
+                shown - t0,
+            )
     return [answers[i] for i in range(len(prompts))]
 
 

@@ -228,7 +228,7 @@ class Worker:
                 with window.paused():  # validation and checkpoints are not training time
                     if s.step % t.eval_every == 0 or s.step == t.max_steps:
                         with self.watchdog.armed("validation"):
-                            metrics.update(self.evaluate())
+                            metrics.update(step=s.step, **self.evaluate())
                     if metrics:
                         self._log(**metrics)
                     if s.step % t.checkpoint_every == 0 or s.step == t.max_steps:
