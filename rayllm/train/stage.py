@@ -131,7 +131,8 @@ def run(
     with ray_session(cfg.cluster, use_gpu=t.use_gpu):
         result = trainer(cfg, out, splits, callbacks).fit()
     seconds = time.time() - t0
-    rows = rd.read_metrics("train")
+    # Rows without a step: validation rows from runs before they named it (events carry theirs).
+    rows = [r for r in rd.read_metrics("train") if "step" in r]
     summary = summarize(rows)
     plot_losses(rows, out / "loss.png")
     summary.update(seconds=round(seconds, 1), data_dir=str(rd.data.dir), checkpoint=None, export_dir=None)
