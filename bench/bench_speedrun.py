@@ -39,6 +39,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench_train import trainer_args  # noqa: E402
+
 from rayllm.config import ClusterConfig, load_config  # noqa: E402
 from rayllm.rundir import read_jsonl  # noqa: E402
 from rayllm.runtime import init_ray  # noqa: E402
@@ -148,7 +150,7 @@ def hf_run(
 ) -> dict[str, Any]:
     """A plain ``Trainer`` on the packed blocks (or, with ``padded``, on padded single lines) until
     ``budget_s`` seconds of training; its validation curve against training seconds."""
-    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback
 
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
@@ -180,19 +182,7 @@ def hf_run(
         rows, collator = padded
     # The linear schedule ends with the budget (the calibration run, whose speed is unknown, runs on).
     max_steps = max(20, int(budget_s * SPEED["hf"])) if "hf" in SPEED else 10**6
-    args = TrainingArguments(
-        output_dir=str(Path(tempfile.mkdtemp(prefix="hf-"))),
-        per_device_train_batch_size=GLOBAL_BATCH,
-        max_steps=max_steps,
-        learning_rate=lr,
-        weight_decay=0.0,
-        logging_steps=10**6,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-    )
+    args = trainer_args(Path(tempfile.mkdtemp(prefix="hf-")), GLOBAL_BATCH, max_steps, lr, weight_decay=0.0)
     trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collator, callbacks=[Clock()])
     out = trainer.train()
     seconds = curve[-1][0] if curve else 0.0

@@ -77,9 +77,29 @@ def bare_loop(cfg, manifest: dict, data: np.ndarray, steps: int) -> float:
     return b * (data.shape[1] - 1) * len(steady) / sum(steady)
 
 
+def trainer_args(out: Path, batch: int, steps: int, lr: float, **more: Any) -> Any:
+    """A plain HF ``Trainer`` on CPU as a baseline: no logging, checkpoints, reporting or data workers
+    in its timed loop."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=batch,
+        max_steps=steps,
+        learning_rate=lr,
+        logging_steps=10**6,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        **more,
+    )
+
+
 def hf_trainer(cfg, manifest: dict, data: np.ndarray, steps: int, out: Path) -> float:
     """A plain transformers Trainer on the same model and blocks (the usual starting point)."""
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer, TrainerCallback
 
     from rayllm.model.build import build_model, model_config
 
@@ -99,19 +119,13 @@ def hf_trainer(cfg, manifest: dict, data: np.ndarray, steps: int, out: Path) -> 
             self.t.append(time.perf_counter() - self.t0)
 
     timer = Times()
-    args = TrainingArguments(
-        output_dir=str(out),
-        per_device_train_batch_size=cfg.train.global_batch,
-        max_steps=steps,
-        learning_rate=cfg.train.optimizer.lr,
+    args = trainer_args(
+        out,
+        cfg.train.global_batch,
+        steps,
+        cfg.train.optimizer.lr,
         weight_decay=cfg.train.optimizer.weight_decay,
         max_grad_norm=cfg.train.grad_clip,
-        logging_steps=10**6,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
     )
     Trainer(model=model, args=args, train_dataset=rows, callbacks=[timer]).train()
     steady = timer.t[5:]
