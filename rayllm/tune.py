@@ -139,6 +139,11 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     tc = cfg.tune
     space = search_space(tc.space, tc.search)
     _check_space(cfg)
+    if tc.search == "optuna":
+        try:
+            import optuna  # noqa: F401  (Ray's OptunaSearch drives it)
+        except ImportError:
+            raise ConfigError("tune.search=optuna needs the optuna package: pip install optuna") from None
     rd = RunDir.of(cfg)
     manifest = rd.data.manifest()  # a missing prep fails here, before Ray starts
     out = rd.start_stage(cfg, "tune")

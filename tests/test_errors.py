@@ -179,3 +179,22 @@ def test_errors_inside_tune_trials_and_serve_replicas(cli_env, prepped, tmp_path
         rayllm(cli_env, "serve", "-r", str(tmp_path / "serve"), *port),
         r"the model server failed to start: .*(safetensors|header)",
     )
+
+
+@pytest.mark.parametrize(
+    ("package", "args", "pattern"),
+    [
+        ("gguf", ["import", "{tmp}/model.gguf"], r"model\.gguf: reading GGUF needs the gguf package"),
+        ("optuna", ["tune", "-r", "{tmp}/run", "--set", "tune.search=optuna",
+                    "--set", "tune.space={train.optimizer.lr: {loguniform: [1.0e-4, 1.0e-2]}}"],
+         r"tune\.search=optuna needs the optuna package"),
+    ],
+)  # fmt: skip
+def test_a_missing_optional_engine_is_named(tmp_path, package, args, pattern):
+    """A package that only one path needs (GGUF reading, Optuna's search) is named when it is missing."""
+    blocked = tmp_path / "blocked" / package
+    blocked.mkdir(parents=True)
+    (blocked / "__init__.py").write_text(f"raise ImportError('blocked for this test', name={package!r})\n")
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "blocked"), "RAY_ADDRESS": "127.0.0.1:1"}
+    one_line_exit_2(rayllm(env, *(a.replace("{tmp}", str(tmp_path)) for a in args)), pattern)

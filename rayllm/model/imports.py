@@ -21,6 +21,13 @@ def import_model(source: str, out: Path | None = None) -> Path:
         return Path(model_folder(path, f"rayllm import {source}", "the source"))
     if path.suffix != ".gguf" or not path.is_file():
         raise ConfigError(f"rayllm import {source}: not a .gguf file or a Hugging Face model folder")
+    try:  # transformers reads GGUF with these; a missing one would surface as a deep traceback
+        import accelerate  # noqa: F401
+        import gguf  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(
+            f"rayllm import {source}: reading GGUF needs the {e.name} package: pip install {e.name}"
+        ) from None
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
