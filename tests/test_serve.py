@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +18,7 @@ import httpx
 import openai
 import pytest
 import torch
+from ray_head import free_port
 from serve_helpers import make_tiny_gpt2
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -42,12 +42,6 @@ def hf(model_dir: Path) -> tuple[Any, Any]:
     return AutoModelForCausalLM.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(ray_cluster: Any, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Serve on a free 127.0.0.1 port of the session's Ray (conftest); shut down even if a test fails."""
@@ -58,7 +52,7 @@ def server(ray_cluster: Any, model_dir: Path, tmp_path_factory: pytest.TempPathF
             "run_dir": str(tmp_path_factory.mktemp("run")),
             "serve": {
                 "model_dir": str(model_dir),
-                "port": _free_port(),
+                "port": free_port(),
                 "max_batch": MAX_BATCH,
                 "max_n": MAX_BATCH,
                 "batch_wait_ms": 5,

@@ -3,7 +3,6 @@ the bounded queue, disconnects and timeouts."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -12,15 +11,10 @@ from typing import Any
 
 import httpx
 import pytest
+from ray_head import free_port
 from serve_helpers import make_tiny_gpt2
 
 from rayllm.config import RunConfig
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +29,7 @@ def start_server(ray_cluster: Any, model_dir: Path, tmp_path: Path) -> Iterator[
 
     def start(**serve: Any) -> str:
         cfg = RunConfig.model_validate(
-            {"run_dir": str(tmp_path), "serve": {"model_dir": str(model_dir), "port": _free_port(), **serve}}
+            {"run_dir": str(tmp_path), "serve": {"model_dir": str(model_dir), "port": free_port(), **serve}}
         )
         return stage.start(cfg)
 
@@ -182,7 +176,8 @@ def test_queue_bound_disconnects_and_timeouts(start_server: Any) -> None:
         # A non-streaming client that gives up is cancelled too.
         before = health()["cancelled"]
         with pytest.raises(httpx.ReadTimeout):
-            c.post("/v1/completions", json={**long, "stream": False}, timeout=1.0)
+            # 500 tokens take about a second on an idle 2-core machine: give up half-way.
+            c.post("/v1/completions", json={**long, "stream": False, "max_tokens": 500}, timeout=0.5)
         _wait(lambda: health()["cancelled"] > before, "an abandoned request kept decoding", timeout=5)
 
         assert health()["status"] == "ok"

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import ray
 import torch
+from ray_head import free_port
 from serve_helpers import make_tiny_gpt2, write_gpt2_tokenizer
 
 from rayllm.config import EvalTaskConfig
@@ -219,14 +220,6 @@ def test_packed_examples_keep_to_themselves() -> None:
 
 
 # ------------------------------------------------------------------------------------ end to end
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_perplexity_equals_a_plain_transformers_computation(prepped, tmp_path: Path) -> None:
     """`rayllm eval`'s loss over the val split (Ray Data actors, chunked loss) equals a single-process
     transformers forward pass over the same blocks to 1e-4 relative."""
@@ -292,7 +285,7 @@ def test_eval_cli_scores_a_task_and_names_a_bad_line(ray_cluster, tmp_path: Path
     from rayllm.config import RunConfig
     from rayllm.serve import stage as serve
 
-    port = _free_port()
+    port = free_port()
     served_cfg = {"run_dir": str(tmp_path / "served"), "serve": {"model_dir": str(model), "port": port}}
     url = serve.start(RunConfig.model_validate(served_cfg))
     try:
