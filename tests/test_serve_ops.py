@@ -3,6 +3,8 @@ the bounded queue, disconnects and timeouts."""
 
 from __future__ import annotations
 
+import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -173,12 +175,17 @@ def test_queue_bound_disconnects_and_timeouts(start_server: Any) -> None:
         waiting.__exit__(None, None, None)
         _wait(lambda: health()["active"] == 0, "rows still busy after both clients left", timeout=5)
 
-        # A non-streaming client that gives up is cancelled too.
+        # A non-streaming client that hangs up while its request decodes is cancelled too. A raw
+        # socket, so the hang-up comes once the request is in a batch row, not before it arrives.
         before = health()["cancelled"]
-        with pytest.raises(httpx.ReadTimeout):
-            # 500 tokens take about a second on an idle 2-core machine: give up half-way.
-            c.post("/v1/completions", json={**long, "stream": False, "max_tokens": 500}, timeout=0.5)
+        body = json.dumps({**long, "stream": False, "max_tokens": 480, "n": 4}).encode()
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            head = f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            sock.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            _wait(lambda: health()["active"] == 1, "the non-streaming request never started")
         _wait(lambda: health()["cancelled"] > before, "an abandoned request kept decoding", timeout=5)
+        _wait(lambda: health()["active"] == 0 and health()["pending"] == 0, "its rows stayed busy", timeout=5)
 
         assert health()["status"] == "ok"
 

@@ -446,17 +446,19 @@ class OpenAIHandler:
     async def _run(self, stream: GenerationStream) -> AsyncIterator[Output]:
         """Admit a request's sequences and yield their outputs until ``serve.request_timeout_s``;
         the sequences are cancelled (their batch rows freed) however the request ends."""
-        deadline = time.monotonic() + self.cfg.request_timeout_s
+        deadline = asyncio.get_running_loop().time() + self.cfg.request_timeout_s
         try:
             await self.submit(stream)
             outputs = aiter(stream)
             while True:
-                remaining = deadline - time.monotonic()
+                # Not ``asyncio.wait_for``: on Python 3.11 it swallows a cancellation (client gone)
+                # that lands as the awaited output arrives, and the request would decode to the end.
                 try:
-                    out = await asyncio.wait_for(anext(outputs), timeout=max(remaining, 0))
+                    async with asyncio.timeout_at(deadline):
+                        out = await anext(outputs)
                 except StopAsyncIteration:
                     return
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     raise APIError(
                         504,
                         f"the request was still generating after serve.request_timeout_s="
