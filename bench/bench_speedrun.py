@@ -147,6 +147,7 @@ def hf_run(
     budget_s: float,
     vocab: int,
     padded: tuple[list[dict[str, Any]], Any] | None = None,
+    speed: str = "hf",
 ) -> dict[str, Any]:
     """A plain ``Trainer`` on the packed blocks (or, with ``padded``, on padded single lines) until
     ``budget_s`` seconds of training; its validation curve against training seconds."""
@@ -180,8 +181,9 @@ def hf_run(
         rows, collator = [{"input_ids": r.tolist(), "labels": r.tolist()} for r in train_ids], None
     else:
         rows, collator = padded
-    # The linear schedule ends with the budget (the calibration run, whose speed is unknown, runs on).
-    max_steps = max(20, int(budget_s * SPEED["hf"])) if "hf" in SPEED else 10**6
+    # The linear schedule ends with the budget (a calibration run, whose speed is unknown, runs on).
+    # ``speed`` names the steps/s to size by: padded single lines step several times faster.
+    max_steps = max(20, int(budget_s * SPEED[speed])) if speed in SPEED else 10**6
     args = trainer_args(Path(tempfile.mkdtemp(prefix="hf-")), GLOBAL_BATCH, max_steps, lr, weight_decay=0.0)
     trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collator, callbacks=[Clock()])
     out = trainer.train()
@@ -287,9 +289,13 @@ def main() -> None:
     ablation = [rayllm_run(name, [*RECIPE, *off], data, work, steps) for name, off in ABLATIONS]
     curves = [rayllm_run(name, [*RECIPE, *sets], data, work, steps) for name, sets in CURVES]
     rows_lines, collator, useful_share = padded_lines(data / "tokenizer", 200_000)
+    lines = (rows_lines, collator)
+    probe = hf_run("calibrate padded", None, val, best_lr, 20, vocab, padded=lines, speed="padded")
+    SPEED["padded"] = probe["steps"] / probe["seconds"]
     seed = hf_run(
-        "seed recipe: padded lines", None, val, best_lr, budget, vocab, padded=(rows_lines, collator)
+        "seed recipe: padded lines", None, val, best_lr, budget, vocab, padded=lines, speed="padded"
     )
+    mean_len = statistics.mean(len(r["input_ids"]) for r in rows_lines)
 
     t_base = statistics.median(time_to(target, r["curve"]) or budget for r in baseline)
     t_ours = [time_to(target, r["curve"]) for r in ours]
@@ -320,7 +326,7 @@ def main() -> None:
             "seed recipe: padded single lines",
             time_to(target, seed["curve"]),
             min(v for _, v in seed["curve"]),
-            SPEED["hf"] * GLOBAL_BATCH * SEQ * useful_share,
+            SPEED["padded"] * GLOBAL_BATCH * mean_len * useful_share,
         ),
     ]
     print(f"\ntarget: validation loss {target:.4f} (HF Trainer's best, lr {best_lr:g})", end="")
