@@ -213,7 +213,8 @@ def time_to(target: float, curve: list[tuple[float, float]]) -> float | None:
 
 
 def padded_lines(tok_dir: Path, max_rows: int) -> tuple[list[dict[str, Any]], Any, float]:
-    """The seed's recipe: each line of the plays its own example, truncation=True, padding=True."""
+    """The seed's recipe: each line of the plays its own example, truncation=True, padding=True;
+    also the useful (non-padding) tokens per example, for the useful tokens/s."""
     from transformers import AutoTokenizer, DataCollatorForLanguageModeling
 
     from rayllm.runtime import resolve_pkg
@@ -229,8 +230,8 @@ def padded_lines(tok_dir: Path, max_rows: int) -> tuple[list[dict[str, Any]], An
             {"input_ids": ids, "attention_mask": m}
             for ids, m in zip(enc["input_ids"], enc["attention_mask"], strict=True)
         ]
-    useful = sum(sum(r["attention_mask"]) for r in rows) / sum(len(r["input_ids"]) for r in rows)
-    return rows, DataCollatorForLanguageModeling(tok, mlm=False), useful
+    useful_per_row = sum(sum(r["attention_mask"]) for r in rows) / len(rows)
+    return rows, DataCollatorForLanguageModeling(tok, mlm=False), useful_per_row
 
 
 # ------------------------------------------------------------------------------------------- main
@@ -288,14 +289,13 @@ def main() -> None:
     ours = [rayllm_run(f"rayllm {k}", RECIPE, data, work, steps) for k in range(args.repeats)]
     ablation = [rayllm_run(name, [*RECIPE, *off], data, work, steps) for name, off in ABLATIONS]
     curves = [rayllm_run(name, [*RECIPE, *sets], data, work, steps) for name, sets in CURVES]
-    rows_lines, collator, useful_share = padded_lines(data / "tokenizer", 200_000)
+    rows_lines, collator, useful_per_row = padded_lines(data / "tokenizer", 200_000)
     lines = (rows_lines, collator)
     probe = hf_run("calibrate padded", None, val, best_lr, 20, vocab, padded=lines, speed="padded")
     SPEED["padded"] = probe["steps"] / probe["seconds"]
     seed = hf_run(
         "seed recipe: padded lines", None, val, best_lr, budget, vocab, padded=lines, speed="padded"
     )
-    mean_len = statistics.mean(len(r["input_ids"]) for r in rows_lines)
 
     t_base = statistics.median(time_to(target, r["curve"]) or budget for r in baseline)
     t_ours = [time_to(target, r["curve"]) for r in ours]
@@ -326,7 +326,7 @@ def main() -> None:
             "seed recipe: padded single lines",
             time_to(target, seed["curve"]),
             min(v for _, v in seed["curve"]),
-            SPEED["padded"] * GLOBAL_BATCH * mean_len * useful_share,
+            SPEED["padded"] * GLOBAL_BATCH * useful_per_row,
         ),
     ]
     print(f"\ntarget: validation loss {target:.4f} (HF Trainer's best, lr {best_lr:g})", end="")
