@@ -29,7 +29,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     rich_markup_mode="rich",
-    help="Fast, elastic LLM training on Ray: prep -> train -> tune -> eval -> serve.",
+    help="Fast, elastic LLM training on Ray: prep -> tune -> train -> eval -> serve.",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 console = Console(stderr=True)
@@ -44,6 +44,8 @@ SetOpt = Annotated[
     typer.Option("--set", "-s", help="Override one field: section.key=value (value parsed as YAML)."),
 ]
 RunDirOpt = Annotated[str | None, typer.Option("--run-dir", "-r", help="Run directory (overrides run_dir).")]
+UntilOpt = Annotated[str | None, typer.Option(help=f"run: stop after this stage: {' | '.join(NAMES)}.")]
+ServeOpt = Annotated[bool, typer.Option("--serve", help="run: end by serving the model (until stopped).")]
 
 
 VERBOSE = {"on": False}
@@ -152,12 +154,16 @@ def submit(
     run_dir: RunDirOpt = None,
     address: Annotated[str | None, typer.Option(help="Ray dashboard address, default $RAY_ADDRESS.")] = None,
     wait: Annotated[bool, typer.Option(help="Follow the job's logs until it ends.")] = True,
+    until: UntilOpt = None,
+    serve: ServeOpt = False,
 ) -> None:
-    """Submit a stage as a Ray job to a cluster (Ray Jobs API)."""
+    """Submit a stage, or the whole chain (`run`), as a Ray job to a cluster (Ray Jobs API)."""
     cfg = _load(config, set_, run_dir)  # validate here, before anything reaches the cluster
     from rayllm.jobs import submit as run_submit
 
-    result = _run(lambda: run_submit(cfg, stage, config or [], set_ or [], run_dir, address, wait))
+    result = _run(
+        lambda: run_submit(cfg, stage, config or [], set_ or [], run_dir, address, wait, until, serve)
+    )
     _table("job", result)
     if result.get("status") == "FAILED":
         raise typer.Exit(1)
@@ -208,8 +214,8 @@ def run_chain(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     run_dir: RunDirOpt = None,
-    until: Annotated[str | None, typer.Option(help=f"Stop after this stage: {' | '.join(NAMES)}.")] = None,
-    serve: Annotated[bool, typer.Option("--serve", help="End by serving the model (until Ctrl-C).")] = False,
+    until: UntilOpt = None,
+    serve: ServeOpt = False,
 ) -> None:
     """The whole chain, resumable: prep -> tune (with tune.space) -> train -> eval [-> serve].
 

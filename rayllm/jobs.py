@@ -188,10 +188,18 @@ def submit(
     run_dir: str | None,
     address: str | None,
     wait: bool,
+    until: str | None = None,
+    serve: bool = False,
 ) -> dict[str, Any]:
-    """Submit ``stage`` as a Ray job; with ``wait`` stream its logs to stdout until it ends."""
+    """Submit ``stage`` as a Ray job; with ``wait`` stream its logs to stdout until it ends.
+
+    ``until`` and ``serve`` are `rayllm run`'s: where the chain stops, and whether it ends serving."""
     if stage not in COMMANDS:
         raise RayllmError(f"unknown stage {stage!r}: choose one of {', '.join(COMMANDS)}")
+    if (until or serve) and stage != "run":
+        raise RayllmError(f"--until and --serve belong to `rayllm submit run`, not to {stage!r}")
+    if until is not None and until not in stages.NAMES:
+        raise RayllmError(f"--until {until!r}: choose one of {', '.join(stages.NAMES)}")
     t0 = time.time()
     addr = resolve_address(address, cfg)
     job_run_dir = _job_run_dir(run_dir or cfg.run_dir, addr)
@@ -205,6 +213,8 @@ def submit(
             args += ["--config", rel]
         for item in sets:
             args += ["--set", item]
+        args += ["--until", until] if until else []
+        args += ["--serve"] if serve else []
         command = shlex.join(["python", ENTRYPOINT, *args, "--run-dir", job_run_dir])
         runtime_env = {
             "working_dir": str(root),
@@ -316,14 +326,14 @@ def stop(job_id: str, address: str | None = None, timeout_s: float = 30.0) -> di
 
 
 # ---------------------------------------------------------------------------------- job entrypoint
-def _run_stage(stage: str, cfg: RunConfig) -> dict[str, Any]:
+def _run_stage(stage: str, cfg: RunConfig, until: str | None = None, serve: bool = False) -> dict[str, Any]:
     if stage in ("run", "demo"):
         from rich.console import Console
 
         from rayllm import pipeline
 
         if stage == "run":
-            return pipeline.run(cfg, console=Console(stderr=True))
+            return pipeline.run(cfg, until=until, serve=serve, console=Console(stderr=True))
         return pipeline.demo(cfg, console=Console())
     return stages.run_stage(stage, cfg)
 
@@ -338,6 +348,8 @@ def entrypoint(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", action="append", default=[], help="YAML config; repeat to merge")
     parser.add_argument("--set", dest="sets", action="append", default=[], help="section.key=value")
     parser.add_argument("--run-dir", default=None)
+    parser.add_argument("--until", choices=list(stages.NAMES), help="run: the last stage of the chain")
+    parser.add_argument("--serve", action="store_true", help="run: end the chain by serving")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.sets, args.run_dir)
@@ -348,7 +360,7 @@ def entrypoint(argv: list[str] | None = None) -> int:
             cfg.cluster.address = None
             cfg.cluster.working_dir = None
             os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
-        summary = _run_stage(args.stage, cfg)
+        summary = _run_stage(args.stage, cfg, args.until, args.serve)
     except Exception as e:
         user = find_user_error(e)
         if user is None:

@@ -63,13 +63,26 @@ def _source_stats(cfg: RunConfig) -> list[tuple[str, int, int]]:
     return out
 
 
-def plan(cfg: RunConfig) -> dict[str, dict[str, Any]]:
-    """Each stage's inputs (config fields it reads, upstream fingerprints) and fingerprint."""
+def _raw(cfg: RunConfig) -> dict[str, Any]:
     raw = cfg.dump()
     raw["serve"]["api_keys"] = len(raw["serve"]["api_keys"])  # a changed key is no reason to re-run
+    return raw
+
+
+def plan(cfg: RunConfig, best: RunConfig | None = None) -> dict[str, dict[str, Any]]:
+    """Each stage's inputs (config fields it reads, upstream fingerprints) and fingerprint.
+
+    ``best`` is ``cfg`` with the best tune trial's settings: what train and the stages after it run
+    with, while prep and tune are fingerprinted on the config as given."""
+    given, tuned = _raw(cfg), _raw(best or cfg)
     out: dict[str, dict[str, Any]] = {}
     for stage in STAGES:
-        inputs: dict[str, Any] = {"config": _pick(raw, stage.reads)}
+        raw = tuned if NAMES.index(stage.name) >= NAMES.index("train") else given
+        picked = _pick(raw, stage.reads)
+        for path in stage.ignores:
+            section, field = path.split(".")
+            picked[section] = {k: v for k, v in picked[section].items() if k != field}
+        inputs: dict[str, Any] = {"config": picked}
         inputs["upstream"] = {u: out[u]["fingerprint"] for u in stage.consumes if _wanted(get(u), cfg)}
         if stage.name == "prep":
             inputs["sources"] = _hash(_source_stats(cfg))
@@ -89,8 +102,8 @@ def _changed(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list
     for k in keys:
         a, b = old.get(k), new.get(k)
         name = f"{prefix}{k}"
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _changed(a, b, f"{name}.")
+        if isinstance(a, dict) and isinstance(b, dict):  # config fields by their own names
+            out += _changed(a, b, "" if name == "config" else f"{name}.")
         elif a != b:
             out.append(name)
     return out
@@ -100,10 +113,9 @@ def status(cfg: RunConfig) -> list[dict[str, Any]]:
     """Each stage's state against ``cfg``: done, stale (what changed), interrupted, missing, or off."""
     rd = RunDir.of(cfg)
     record = rd.run_state()
-    if cfg.tune.space and rd.summary("tune"):
-        cfg = _with_best(cfg, rd)  # what train ran with
+    best = _with_best(cfg, rd) if cfg.tune.space and rd.summary("tune") else None
     rows = []
-    for name, want in plan(cfg).items():
+    for name, want in plan(cfg, best).items():
         stage = get(name)
         seen = record.get(name)
         summary = rd.summary(name)
@@ -142,14 +154,16 @@ def run(
         raise ConfigError(f"--until {last!r}: choose one of {', '.join(NAMES)}")
     rd.start_stage(cfg, "run")
     summaries: dict[str, Any] = {}
+    given = cfg
+    best: RunConfig | None = None
     with ray_session(cfg.cluster, use_gpu=cfg.train.use_gpu):
         for stage in STAGES[: NAMES.index(last) + 1]:
             if not _wanted(stage, cfg):
                 console.print(f"[dim]{stage.name}: off (tune.space is empty)[/]")
                 continue
             if stage.name == "train" and cfg.tune.space:
-                cfg = _with_best(cfg, rd)
-            want = plan(cfg)[stage.name]
+                cfg = best = _with_best(given, rd)
+            want = plan(given, best)[stage.name]
             seen = rd.run_state().get(stage.name) or {}
             if stage.name != "serve" and _up_to_date(rd, stage.name, seen, want):
                 console.print(

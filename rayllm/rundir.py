@@ -43,6 +43,7 @@ from rayllm.runtime import filesystem, is_uri
 log = logging.getLogger("rayllm")
 
 CONFIG, LOG, METRICS, SUMMARY = "config.yaml", "stage.log", "metrics.jsonl", "summary.json"
+TENSORBOARD = "tensorboard"  # train: event files beside metrics.jsonl
 SPLITS = ("train", "val")
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer"

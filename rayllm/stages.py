@@ -26,6 +26,7 @@ class Stage:
     summary_keys: tuple[str, ...]  # headline figures of its summary.json, in display order
     reads: tuple[str, ...]  # the config sections/fields it depends on (its fingerprint in `rayllm run`)
     consumes: tuple[str, ...] = ()  # the stages whose outputs it reads
+    ignores: tuple[str, ...] = ()  # fields inside ``reads`` that cannot change its outputs
 
     @property
     def entry(self) -> Callable[..., dict[str, Any]]:
@@ -49,6 +50,8 @@ STAGES: tuple[Stage, ...] = (
         ("trials", "trials_stopped_early", "best_value", "best_params"),
         ("model", "train", "tune"),
         ("prep",),
+        # A trial sets its own steps, storage and export; a longer final train is not a new search.
+        ("train.max_steps", "train.storage", "train.export", "train.resume"),
     ),
     Stage(
         "train",

@@ -31,7 +31,7 @@ from rich.table import Table
 from rayllm import stages
 from rayllm.config import RunConfig, apply_overrides, validate_config
 from rayllm.errors import ConfigError, find_user_error
-from rayllm.rundir import SPLITS, RunDir, read_jsonl, write_json
+from rayllm.rundir import SPLITS, RunDir, write_json
 from rayllm.runtime import ray_session
 
 SAMPLERS = ("choice", "grid", "uniform", "loguniform", "randint")
@@ -74,9 +74,8 @@ def _overrides(params: dict[str, Any]) -> list[str]:
 
 
 def trial_config(base: RunConfig, params: dict[str, Any], max_steps: int) -> RunConfig:
-    raw = apply_overrides(
-        base.dump(), [*_overrides(params), f"train.max_steps={max_steps}", "train.export=false"]
-    )
+    sets = [*_overrides(params), f"train.max_steps={max_steps}", "train.export=false", "train.storage=null"]
+    raw = apply_overrides(base.dump(), sets)
     return validate_config(raw, origin="tune trial")
 
 
@@ -126,6 +125,9 @@ def _check_space(cfg: RunConfig) -> None:
 def _search_key(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
     """What a search is: resuming one means the same space, scheduler, trial config and data."""
     raw, manifest = cfg.dump(), rd.data.manifest()
+    for path in stages.get("tune").ignores:  # what a trial overrides is no part of the search
+        section, field = path.split(".")
+        raw[section].pop(field)
     data = {"tokenizer": manifest.tokenizer_hash, "blocks": manifest.blocks}
     return {"tune": raw["tune"], "model": raw["model"], "train": raw["train"], "data": data}
 
@@ -252,6 +254,11 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     return summary
 
 
+def _trial_metrics(folder: Path) -> list[dict[str, Any]]:
+    """A trial's own train-stage metrics: each trial is a run directory of its own."""
+    return RunDir.of(RunConfig(run_dir=str(folder))).read_metrics("train")
+
+
 def _trial_row(r: Any, space: dict[str, Any], metric: str, out: Path, taken: set[str]) -> dict[str, Any]:
     """One trial as a plain record, from its result and its own run folder (``tune/trials/<id>``)."""
     params = {k: r.config[k] for k in space}
@@ -264,7 +271,7 @@ def _trial_row(r: Any, space: dict[str, Any], metric: str, out: Path, taken: set
         folder = candidates[0] if candidates else None
     if folder is not None:
         taken.add(folder.name)
-    rows = read_jsonl(folder / "train" / "metrics.jsonl") if folder else []
+    rows = _trial_metrics(folder) if folder else []
     started = json.loads((folder / "trial.json").read_text())["started"] if folder else None
     first = next((x["time"] for x in rows if x.get("step") == 1 and "loss" in x), None)
     vals = [x for x in rows if "val_loss" in x]
@@ -303,7 +310,7 @@ def plot_curves(trials: list[dict[str, Any]], trials_dir: Path, png: Path, max_s
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for t in trials:
-        rows = read_jsonl(trials_dir / t["trial_id"] / "train" / "metrics.jsonl") if t["trial_id"] else []
+        rows = _trial_metrics(trials_dir / t["trial_id"]) if t["trial_id"] else []
         points = sorted({r["step"]: r["val_loss"] for r in rows if "val_loss" in r}.items())
         if not points:
             continue

@@ -12,7 +12,6 @@ from typer.testing import CliRunner
 from rayllm.cli import app
 from rayllm.stages import NAMES
 
-VERBS = [*NAMES, "submit", "export", "demo"]
 runner = CliRunner()
 # What each stage says first about an empty run dir: proof that its verb reached its own entry function.
 FIRST_COMPLAINT = {
@@ -31,12 +30,22 @@ def test_every_stage_is_a_verb_that_runs_it(stage: str, tmp_path: Path):
     assert FIRST_COMPLAINT[stage] in result.output
 
 
-@pytest.mark.parametrize("verb", VERBS)
-def test_verb_help(verb: str):
-    result = runner.invoke(app, [verb, "--help"])
-    assert result.exit_code == 0, result.output
-    if verb != "export":
-        assert "--config" in result.output and "--set" in result.output and "--run-dir" in result.output
+def test_verbose_shows_the_traceback_and_unexpected_errors_keep_theirs(tmp_path: Path, monkeypatch):
+    bad = ["train", "--set", "train.deepspeed.zero_stage=4", "--run-dir", str(tmp_path)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "rayllm", "--verbose", *bad], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2 and "Traceback" in proc.stderr, proc.stderr
+    assert proc.stderr.rstrip().splitlines()[-1].startswith("error: ")  # the one line still ends it
+
+    import rayllm.prep.stage
+
+    def broken(cfg):  # a bug, not bad input: the CLI must not shrink it to one line
+        raise RuntimeError("a bug in a stage")
+
+    monkeypatch.setattr(rayllm.prep.stage, "run", broken)
+    result = runner.invoke(app, ["prep", "--run-dir", str(tmp_path)])
+    assert result.exit_code == 1 and isinstance(result.exception, RuntimeError)
 
 
 def test_config_error_is_one_line_exit_2(tmp_path: Path):

@@ -74,6 +74,17 @@ def _prep_jobs(url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert not (ROOT / jobs.STAGING / result["job_id"]).exists()  # staged configs go after the upload
     assert jobs.status(result["job_id"], url)["exit_code"] == 0
 
+    # The chain as one job (`rayllm submit run --until prep`): it records its stages in run/state.json.
+    chain = jobs.submit(cfg, "run", [str(config)], [], str(tmp_path / "chain"), url, True, until="prep")
+    assert chain["status"] == "SUCCEEDED", capsys.readouterr().out[-3000:]
+    assert " run --config " in chain["entrypoint"] and chain["entrypoint"].endswith(
+        "--until prep --run-dir " + str(tmp_path / "chain")
+    )
+    state = json.loads((tmp_path / "chain" / "run" / "state.json").read_text())
+    assert {k: v["status"] for k, v in state.items()} == {"prep": "done"}
+    with pytest.raises(RayllmError, match="--until and --serve belong to `rayllm submit run`"):
+        jobs.submit(cfg, "prep", [str(config)], [], str(run_dir), url, False, until="prep")
+
     # A user error inside the job: one `error:` line, exit code 2, the job FAILED.
     gone = tmp_path / "gone.yaml"
     gone.write_text(yaml.safe_dump({"data": {"sources": [{"path": str(tmp_path / "missing.txt")}]}}))
@@ -285,6 +296,7 @@ def test_kuberay_manifests():
     app_cfg = serve["applications"][0]
     assert app_cfg["import_path"] == "rayllm.serve.deployment:app_builder"
     assert app_cfg["args"]["model_dir"]
+    assert serve["http_options"]["host"] == "0.0.0.0" and app_cfg["args"]["api_keys_file"]  # not open
     _check_cluster_spec(svc["spec"]["rayClusterConfig"])
 
 
@@ -292,6 +304,7 @@ def test_gpu_multinode_config_validates():
     cfg = load_config([ROOT / "examples/configs/gpu-multinode.yaml"])
     assert cfg.train.use_gpu and cfg.train.gpus_per_worker == 1 and cfg.train.cpus_per_worker == 8
     assert cfg.train.worker_range == (16, 16)
+    assert cfg.serve.host == "0.0.0.0" and cfg.serve.api_keys_file  # a network address needs keys
     assert cfg.train.deepspeed.zero_stage == 3 and cfg.train.deepspeed.precision == "bf16"
     assert cfg.model.family == "llama" and cfg.model.attention == "flash_attention_2"
     assert Path(cfg.run_dir).is_absolute()

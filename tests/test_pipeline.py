@@ -85,3 +85,52 @@ def test_demo_then_run_skips_reruns_and_resumes(ray_cluster, tiny_corpus, tmp_pa
     assert events[0]["step"] == 12 and events[-1]["step"] >= 30  # never back to step 0
     assert json.loads((tmp_path / "train" / "summary.json").read_text())["steps"] == 60
     assert RunDir.of(cfg).run_state()["eval"]["status"] == "done"
+
+
+def test_run_with_a_tune_grid_hands_the_best_trial_to_train(ray_cluster, tiny_corpus, tmp_path):
+    """prep -> tune (a 2-point grid) -> train with the best lr -> eval, as one CLI command; a longer
+    final train re-runs train and eval but neither prep nor the search."""
+    from rayllm.rundir import RunDir
+
+    cfg = tiny_config(
+        tmp_path,
+        tiny_corpus,
+        train__workers=1,
+        train__max_steps=6,
+        train__eval_every=2,
+        train__checkpoint_every=3,  # not an eval step: every report to Tune still carries val_loss
+        tune__space={"train.optimizer.lr": [3e-5, 3e-3]},
+        tune__max_steps=4,
+        tune__grace_period=2,
+    )
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(cfg.public()))
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    cmd = [sys.executable, "-m", "rayllm", "run", "-c", str(config), "--until", "eval"]
+
+    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "tune (Ray Tune): running" in first.stderr
+    tune = json.loads((tmp_path / "tune" / "summary.json").read_text())
+    assert tune["trials"] == 2 and tune["best_params"] == {"train.optimizer.lr": 3e-3}
+    trained = yaml.safe_load((tmp_path / "train" / "config.yaml").read_text())
+    assert trained["train"]["optimizer"]["lr"] == 3e-3 and trained["train"]["max_steps"] == 6
+    assert json.loads((tmp_path / "train" / "summary.json").read_text())["steps"] == 6
+    for stage in ("prep", "tune", "train", "eval"):  # every stage logs its figures
+        assert RunDir.of(cfg).read_metrics(stage), stage
+
+    status = subprocess.run(
+        [sys.executable, "-m", "rayllm", "status", str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert status.returncode == 0 and "stale" not in status.stdout, status.stdout
+
+    longer = subprocess.run(
+        [*cmd, "--set", "train.max_steps=8"], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    for stage in ("prep", "tune"):
+        assert f"{stage}: up to date" in longer.stderr, longer.stderr
+    assert "train (Ray Train + DeepSpeed): changed (train.max_steps)" in longer.stderr
+    assert json.loads((tmp_path / "train" / "summary.json").read_text())["steps"] == 8
+    assert json.loads((tmp_path / "tune" / "summary.json").read_text())["trials"] == 2

@@ -139,8 +139,11 @@ def test_model_dir_resolution_errors(tmp_path: Path, model_dir: Path) -> None:
     assert resolve_model_dir(ServeConfig(), str(tmp_path / "run")) == str(model_dir.resolve())
     with pytest.raises(ConfigError, match=r"serve\.max_batch"):
         app_builder({"model_dir": str(model_dir), "max_batch": "0"})
-    app = app_builder({"run_dir": str(tmp_path / "run"), "max_batch": "4", "replicas.max": "2"})
-    assert type(app).__name__ == "Application"
+    args = {"run_dir": str(tmp_path / "run"), "max_batch": "4", "replicas.max": "2"}
+    with pytest.raises(ConfigError, match="the address comes from Serve's http_options"):
+        app_builder(args)  # Serve's tools may bind anywhere: no keys, no loopback host, no app
+    for safe in ({"host": "127.0.0.1"}, {"allow_unauthenticated": "true"}, {"api_keys": ["k"]}):
+        assert type(app_builder({**args, **safe})).__name__ == "Application"
 
 
 def test_serve_config_file_builds_the_app(model_dir: Path) -> None:

@@ -112,7 +112,7 @@ def test_api_keys_are_required_and_health_stays_open(start_server: Any, tmp_path
     assert "first-key" not in saved and "second-key" not in saved
 
 
-def test_network_address_without_keys_refuses_to_start(model_dir: Path, tmp_path: Path) -> None:
+def test_network_address_without_keys_refuses_to_start(model_dir: Path, tmp_path: Path, monkeypatch) -> None:
     """Through the CLI, before any Ray starts: one line, exit 2, naming the fields that fix it."""
     import subprocess
     import sys
@@ -126,12 +126,22 @@ def test_network_address_without_keys_refuses_to_start(model_dir: Path, tmp_path
     assert "serve.allow_unauthenticated" in lines[0]
     from rayllm.config import ServeConfig
     from rayllm.errors import ConfigError
-    from rayllm.serve.deployment import api_keys
+    from rayllm.serve.deployment import KEYS_FILE_ENV, api_keys, check_exposure
 
     empty = tmp_path / "empty-keys"
     empty.write_text("\n# comments only\n")
     with pytest.raises(ConfigError, match=r"serve\.api_keys_file: .* holds no API key"):
         api_keys(ServeConfig(api_keys_file=str(empty)))
+    # The environment variable names a key file when the config names none.
+    keys = tmp_path / "keys"
+    keys.write_text("env-key\n")
+    monkeypatch.setenv(KEYS_FILE_ENV, str(keys))
+    exposed = ServeConfig(host="0.0.0.0")
+    assert api_keys(exposed) == ["env-key"]
+    check_exposure(exposed, api_keys(exposed))  # keys from the variable make a network address fine
+    monkeypatch.setenv(KEYS_FILE_ENV, str(tmp_path / "gone"))
+    with pytest.raises(ConfigError, match=r"\$RAYLLM_API_KEYS_FILE: cannot read the API key file"):
+        api_keys(exposed)
 
 
 # ------------------------------------------------------------------------------ load and failures

@@ -41,7 +41,14 @@ def test_grid_asha_resume_and_best_config(ray_cluster, prepped, tmp_path):
     cmd = [sys.executable, "-m", "rayllm", "tune", "-c", str(config)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
-    while not (finished := sorted((tmp_path / "tune" / "trials").glob("*/train/summary.json"))):
+
+    def recorded_done() -> bool:  # Tune's own experiment state lists a trial as finished
+        states = (tmp_path / "tune" / "ray").glob("*/experiment_state-*.json")
+        return any("TERMINATED" in p.read_text() for p in states)
+
+    while not (
+        (finished := sorted((tmp_path / "tune" / "trials").glob("*/train/summary.json"))) and recorded_done()
+    ):
         assert time.time() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() else ""
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
@@ -52,10 +59,12 @@ def test_grid_asha_resume_and_best_config(ray_cluster, prepped, tmp_path):
         return [r for r in (folder / "metrics.jsonl").read_text().splitlines() if '"loss"' in r]
 
     first_rows = trained(first)
+    first_trial = (first.parent / "trial.json").read_text()  # a trial started again rewrites it
 
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert trained(first) == first_rows  # restored as finished, not trained again
+    assert (first.parent / "trial.json").read_text() == first_trial
     s = json.loads((tmp_path / "tune" / "summary.json").read_text())
     assert s["trials"] == 3 and len({t["trial_id"] for t in s["all"]}) == 3
     assert s["trials_stopped_early"] >= 1

@@ -156,7 +156,9 @@ def app_builder(args: dict[str, Any]) -> Application:
     """Import path for Serve's own tools: ``serve run rayllm.serve.deployment:app_builder model_dir=/path``.
 
     ``args`` are ``serve`` section fields (``max_batch=8``, ``replicas.max=2``) plus an optional
-    ``run_dir`` whose exported model is served when ``model_dir`` is not given.
+    ``run_dir`` whose exported model is served when ``model_dir`` is not given. Serve's
+    ``http_options``, not these args, choose the address, and an application cannot see them: without
+    a loopback ``host`` among the args the model counts as reachable from the network and needs keys.
     """
     raw: dict[str, Any] = {}
     for key, value in args.items():
@@ -167,4 +169,10 @@ def app_builder(args: dict[str, Any]) -> Application:
         node[leaf] = value
     run_dir = raw.pop("run_dir", None)
     cfg = validate_config({"serve": raw}, origin="serve application args").serve
+    if "host" not in raw and not cfg.allow_unauthenticated and not api_keys(cfg):
+        raise ConfigError(
+            "serve application args: the address comes from Serve's http_options, which the application "
+            "cannot see: set api_keys_file (or $" + KEYS_FILE_ENV + "), or host: 127.0.0.1 when "
+            "http_options.host is loopback, or allow_unauthenticated: true"
+        )
     return build_app(cfg, resolve_model_dir(cfg, run_dir))

@@ -27,7 +27,16 @@ import torch
 from rayllm.config import RunConfig
 from rayllm.model.build import add_adapters, build_model, count_params, flops_per_token, model_config
 from rayllm.model.loss import NextTokenLoss, resolve_impl, shift
-from rayllm.rundir import INPUT_IDS, LOSS_MASK, POSITION_IDS, Manifest, MetricsWriter, registered_checkpoints
+from rayllm.rundir import (
+    INPUT_IDS,
+    LOSS_MASK,
+    METRICS,
+    POSITION_IDS,
+    TENSORBOARD,
+    Manifest,
+    MetricsWriter,
+    registered_checkpoints,
+)
 from rayllm.train import checkpoint
 from rayllm.train.checkpoint import TrainState
 from rayllm.train.parallel import parallelize, peak_flops, resolve_micro_batch
@@ -86,8 +95,8 @@ class Worker:
         if self.rank == 0:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.metrics = MetricsWriter(out_dir / "metrics.jsonl")
-            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+            self.metrics = MetricsWriter(out_dir / METRICS)
+            self.tb = SummaryWriter(str(out_dir / TENSORBOARD))
         self.seq_len = self.manifest.seq_len
 
         torch.manual_seed(t.seed)
@@ -207,9 +216,11 @@ class Worker:
         import ray.train
 
         t, s = self.t, self.state
+        latest: dict[str, Any] = {}
         if s.step == 0:
             with self.watchdog.armed("the first validation"):
-                self._log(step=0, **self.evaluate(), world=self.world)
+                latest.update(self.evaluate())
+                self._log(step=0, **latest, world=self.world)
         window = _Window(self.device)
         while s.step < t.max_steps:
             finished_epoch = True
@@ -231,12 +242,14 @@ class Worker:
                             metrics.update(step=s.step, **self.evaluate())
                     if metrics:
                         self._log(**metrics)
+                    # Every report carries the newest train and validation figures: Ray Tune
+                    # rejects a result without its metric, and a checkpoint step need not be an
+                    # eval or log step.
+                    latest.update(metrics, step=s.step)
                     if s.step % t.checkpoint_every == 0 or s.step == t.max_steps:
-                        checkpoint.save(
-                            self.engine, s, self.rank, self.hf_config, metrics or {"step": s.step}
-                        )
+                        checkpoint.save(self.engine, s, self.rank, self.hf_config, dict(latest))
                     elif "val_loss" in metrics:
-                        ray.train.report(metrics)
+                        ray.train.report(dict(latest))
                 if s.step >= t.max_steps:
                     finished_epoch = False
                     break

@@ -15,7 +15,7 @@ from typing import Any
 from rayllm.config import RunConfig
 from rayllm.errors import ConfigError
 from rayllm.model.build import context_length, model_config
-from rayllm.rundir import METRICS, TRAIN_RUN, Manifest, RunDir
+from rayllm.rundir import METRICS, TENSORBOARD, TRAIN_RUN, Manifest, RunDir
 from rayllm.runtime import ray_session
 
 
@@ -125,7 +125,7 @@ def run(
     out = rd.start_stage(cfg, "train")
     if not t.resume:
         rd.clear_checkpoints()
-        for p in (out / METRICS, out / "tensorboard"):
+        for p in (out / METRICS, out / TENSORBOARD):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     t0 = time.time()
     with ray_session(cfg.cluster, use_gpu=t.use_gpu):
