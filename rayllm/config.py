@@ -69,6 +69,8 @@ class SourceConfig(Strict):
 
 
 class CleanConfig(Strict):
+    """prep's cleaning: Unicode form, whitespace, length bounds, dedup, stopwords; drops are counted."""
+
     normalize: Literal["NFC", "NFKC", "NFD", "NFKD", "none"] = Field(
         "NFC", description="Unicode normalization form applied to every document"
     )
@@ -95,6 +97,8 @@ class CleanConfig(Strict):
 
 
 class TokenizerConfig(Strict):
+    """The vocabulary: a byte-level BPE trained on the corpus, or a local tokenizer folder loaded as is."""
+
     path: LocalPath | None = Field(None, description="load this local tokenizer folder instead of training")
     vocab_size: Annotated[int, Field(ge=260, le=1_000_000)] = Field(
         8192, description="size of the trained byte-level BPE vocabulary (special tokens included)"
@@ -111,6 +115,8 @@ class TokenizerConfig(Strict):
 
 
 class DataConfig(Strict):
+    """prep (Ray Data): which text to read, how to clean, dedup, tokenize and pack it into blocks."""
+
     sources: list[SourceConfig] = Field(default_factory=list, description="the input; see data.sources[]")
     clean: CleanConfig = Field(default_factory=CleanConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
@@ -155,6 +161,8 @@ class DataConfig(Strict):
 
 # -------------------------------------------------------------------------------------------- model
 class ModelConfig(Strict):
+    """The causal LM: a local Hugging Face folder (fine-tuning), or a GPT-2/Llama shape built from scratch."""
+
     path: LocalPath | None = Field(None, description="local Hugging Face folder; overrides the shape below")
     family: Literal["gpt2", "llama"] = Field(
         "gpt2", description="architecture of a model built from scratch (learned positions / RoPE+SwiGLU)"
@@ -189,6 +197,8 @@ class ModelConfig(Strict):
 
 # -------------------------------------------------------------------------------------------- train
 class OptimizerConfig(Strict):
+    """The optimizer and its settings; Muon updates matrix weights and AdamW the rest."""
+
     name: Literal["sgd", "adam", "adamw", "adafactor", "muon"] = Field(
         "adamw",
         description="the optimizer; muon: DeepSpeed's Muon (orthogonalized momentum) for the hidden "
@@ -218,6 +228,8 @@ class OptimizerConfig(Strict):
 
 
 class ScheduleConfig(Strict):
+    """The learning-rate schedule: warmup, then constant, linear, cosine or warmup-stable-decay."""
+
     warmup_steps: NonNegInt = Field(0, description="steps of linear warmup from ~0 to the peak lr")
     decay: Literal["constant", "linear", "cosine", "wsd"] = Field(
         "cosine",
@@ -231,6 +243,8 @@ class ScheduleConfig(Strict):
 
 
 class DeepSpeedConfig(Strict):
+    """DeepSpeed ZeRO stage, precision, offload, compile and communication settings of train."""
+
     zero_stage: Literal[0, 1, 2, 3] = Field(
         2, description="ZeRO partitioning: 1 optimizer state, 2 + gradients, 3 + parameters"
     )
@@ -301,6 +315,8 @@ class LoraConfig(Strict):
 
 
 class TrainConfig(Strict):
+    """train (Ray Train + DeepSpeed): workers, batch, steps, checkpoints, recovery and export."""
+
     data_dir: str | None = Field(None, description="packed data; default: <run_dir>/prep")
     storage: str | None = Field(
         None,
@@ -411,6 +427,8 @@ class TrainConfig(Strict):
 
 # --------------------------------------------------------------------------------------------- tune
 class TuneConfig(Strict):
+    """tune (Ray Tune): the search space, search algorithm, scheduler and each trial's budget."""
+
     search: Literal["random", "optuna"] = Field(
         "random",
         description="random: lists are grids, the rest sampled; optuna: Optuna's TPE proposes points",
@@ -468,12 +486,26 @@ class EvalTaskConfig(Strict):
     timeout_s: PositiveFloat = Field(5.0, description="code: seconds a candidate's tests may run")
     memory_mb: PositiveInt = Field(512, description="code: memory a candidate's process may use")
 
+    @model_validator(mode="after")
+    def _sampling(self) -> EvalTaskConfig:
+        if self.samples > 1 and self.temperature == 0:
+            raise ValueError(f"samples={self.samples} needs temperature > 0: greedy answers are all the same")
+        if too_big := [k for k in self.k if k > self.samples]:
+            raise ValueError(f"k={too_big} is more than samples={self.samples}: pass@k needs k answers")
+        return self
+
 
 class EvalConfig(Strict):
+    """eval (Ray Data): perplexity on the validation split and the downstream tasks' metrics."""
+
     model_dir: LocalPath | None = Field(None, description="default: the run's exported model")
     batch_size: PositiveInt = Field(8, description="packed blocks per scoring forward pass")
     max_batches: PositiveInt | None = Field(None, description="score only the split's first batches")
-    actors: PositiveInt = Field(1, description="scoring actors (each loads the model once)")
+    actors: PositiveInt = Field(
+        1,
+        description="Ray Data actors that score the split and generate the tasks' answers "
+        "(each loads the model once)",
+    )
     cpus_per_actor: PositiveFloat = Field(1.0, description="CPUs each scoring actor reserves")
     gpus_per_actor: Annotated[float, Field(ge=0)] = Field(
         0.0, description="GPUs each scoring actor reserves; > 0 scores on GPUs"
@@ -508,6 +540,8 @@ class EvalConfig(Strict):
 
 # -------------------------------------------------------------------------------------------- serve
 class ReplicaConfig(Strict):
+    """Ray Serve autoscaling: how many replicas, and when to add or remove one."""
+
     min: NonNegInt = Field(1, description="replicas kept running (autoscaling floor)")
     max: PositiveInt = Field(1, description="autoscaling ceiling")
     target_ongoing_requests: PositiveFloat = Field(
@@ -528,6 +562,8 @@ class ReplicaConfig(Strict):
 
 
 class ServeConfig(Strict):
+    """serve (Ray Serve): the OpenAI-compatible HTTP server, its batching, limits and API keys."""
+
     model_dir: LocalPath | None = Field(None, description="default: the run's exported model")
     model_name: str | None = Field(None, description="id clients send; default: the folder name")
     host: str = Field("127.0.0.1", description="address the HTTP proxy binds")
@@ -580,6 +616,8 @@ class ServeConfig(Strict):
 
 # ------------------------------------------------------------------------------------------ cluster
 class ClusterConfig(Strict):
+    """The Ray cluster every stage runs on: join one by address, or start a local one."""
+
     address: str | None = Field(
         None,
         description="Ray cluster to join; default: $RAY_ADDRESS, else a head running on this machine, "
@@ -596,6 +634,8 @@ class ClusterConfig(Strict):
 
 
 class RunConfig(Strict):
+    """A whole run: the run directory and one section per stage, validated before anything starts."""
+
     run_dir: str = Field("runs/default", description="folder every stage writes <run_dir>/<stage>/ into")
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -748,9 +788,10 @@ def reference_markdown() -> str:
             default = "required" if field.is_required() else default
             rows.append(f"| `{prefix}{name}` | {_type_name(ann)} | `{default}` | {field.description or ''} |")
         if rows:
+            doc = " ".join((model.__doc__ or "").split())
             lines.extend(
                 [
-                    f"\n**{prefix.rstrip('.') or 'top level'}**\n",
+                    f"\n**{prefix.rstrip('.') or 'top level'}**: {doc}\n",
                     "| key | type | default | notes |",
                     "|---|---|---|---|",
                     *rows,

@@ -462,3 +462,14 @@ def test_document_boundaries_as_position_ids(tmp_path):
     table = pq.read_table(tmp_path / "train" / "shard-00000.parquet")
     assert table.column_names == ["input_ids", "position_ids"]
     assert table.column("position_ids").to_pylist()[1] == [0, 1, 0, 0, 1, 2]
+
+
+def test_a_bad_fine_tuning_example_fails_with_file_and_line_or_is_counted(tmp_path: Path):
+    f = tmp_path / "chat.jsonl"
+    good = '{"prompt": "hi", "completion": "hello"}'
+    f.write_text(f'{good}\n{{"messages": [{{"role": "user", "content": "hi"}}]}}\n', encoding="utf-8")
+    sft = {**item(f), "sft": True}
+    with pytest.raises(DataError, match=r"chat\.jsonl:2: .*last message must be the assistant's"):
+        docs(sft)
+    kept = docs(sft, on_error="skip")
+    assert [bool(d["reason"]) for d in kept] == [False, True]

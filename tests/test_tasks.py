@@ -48,6 +48,12 @@ def test_rouge_known_values() -> None:
     assert got["rougeL"] == pytest.approx(200 / 3)
     # Porter stemming: "cats running" matches "cat run".
     assert metrics.summarization(["cats running"], ["cat run"])["rouge1"] == pytest.approx(100)
+    from rouge_score import rouge_scorer
+
+    ref = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True).score(
+        "the cat sat on the mat", "the cat sat"
+    )
+    assert got["rougeL"] == pytest.approx(100 * ref["rougeL"].fmeasure)
 
 
 def test_qa_exact_match_and_f1_use_the_squad_normalization() -> None:
@@ -57,6 +63,15 @@ def test_qa_exact_match_and_f1_use_the_squad_normalization() -> None:
     # "Paris." == "paris" after normalization; "big cat" vs "cat": p 1/2, r 1 -> F1 2/3; Berlin: 0.
     assert got["exact_match"] == pytest.approx(100 / 3)
     assert got["f1"] == pytest.approx((100 + 200 / 3 + 0) / 3)
+    from torchmetrics.text import SQuAD
+
+    reference = SQuAD()(
+        [{"prediction_text": "the big cat", "id": "q"}],
+        [{"answers": {"answer_start": [0], "text": ["cat"]}, "id": "q"}],
+    )
+    assert metrics.question_answering(["the big cat"], [["cat"]])["f1"] == pytest.approx(
+        float(reference["f1"])
+    )
 
 
 def test_classification_equals_scikit_learn() -> None:
@@ -66,6 +81,11 @@ def test_classification_equals_scikit_learn() -> None:
     assert got["precision"] == pytest.approx(100 * (1 + 0.5) / 2)
     assert got["recall"] == pytest.approx(100 * (2 / 3 + 1) / 2)
     assert got["f1"] == pytest.approx(100 * (0.8 + 2 / 3) / 2)
+    from sklearn.metrics import f1_score
+
+    assert got["f1"] == pytest.approx(
+        100 * f1_score(["pos", "pos", "pos", "neg"], ["pos", "neg", "pos", "neg"], average="macro")
+    )
 
 
 def test_pass_at_k_is_the_unbiased_estimator() -> None:
@@ -91,6 +111,10 @@ def test_sandbox_passes_fails_and_contains_loops_bombs_and_children() -> None:
 
     bomb = metrics.run_tests("x = bytearray(4 << 30)", "", memory_mb=256)
     assert not bomb["passed"] and "MemoryError" in bomb["reason"]
+    growing = "x = []\nwhile True:\n    x.append(bytearray(8 << 20))"
+    t0 = time.time()
+    grown = metrics.run_tests(growing, "", memory_mb=256)
+    assert not grown["passed"] and "MemoryError" in grown["reason"] and time.time() - t0 < 10
 
     # A child that outlives the candidate (and would hold the CPU) is killed with its session.
     marker = Path(f"/tmp/rayllm-sandbox-test-{os.getpid()}")
@@ -139,6 +163,44 @@ def test_code_task_needs_tests(tmp_path: Path) -> None:
     f.write_text('{"prompt": "q", "completion": "a"}\n', encoding="utf-8")
     with pytest.raises(DataError, match=f"{f}:1: a code task needs a string field 'tests'"):
         read_task(EvalTaskConfig(name="c", file=str(f), kind="code"))
+
+
+# ------------------------------------------------------------------------------ shipped task files
+TASKS = Path(__file__).resolve().parent.parent / "examples" / "tasks"
+KINDS = {"qa": "qa", "code": "code", "translate-en-zh": "translation", "translate-en-de": "translation",
+         "summarize-code": "summarization"}  # fmt: skip
+
+
+def _splits(folder: Path, name: str) -> dict[str, list[dict]]:
+    files = {s: folder / name / f"{s}.jsonl" for s in ("train", "test")}
+    return {s: read_task(EvalTaskConfig(name=name, file=str(f), kind=KINDS[name])) for s, f in files.items()}
+
+
+def test_hand_written_tasks_load_hold_out_their_test_and_every_reference_solution_passes() -> None:
+    for name in ("qa", "code"):
+        split = _splits(TASKS, name)
+        assert {r["prompt"] for r in split["train"]}.isdisjoint(r["prompt"] for r in split["test"]), name
+    code = _splits(TASKS, "code")
+    for row in code["train"] + code["test"]:
+        result = metrics.run_tests(row["completion"], row["tests"])
+        assert result["passed"], (row["prompt"][:70], result["reason"])
+
+
+def test_built_tasks_are_split_by_source_file(tmp_path: Path) -> None:
+    """`make tasks` output: translation and summaries never share a catalog or module across splits."""
+    if not list(Path("/usr/share/locale/zh_CN/LC_MESSAGES").glob("*.mo")):
+        pytest.skip("no gettext catalogs on this machine")
+    built = subprocess.run(
+        [sys.executable, str(TASKS / "build.py"), "--train", "300", "--test", "60", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr[-2000:]
+    for name in ("translate-en-zh", "translate-en-de", "summarize-code"):
+        split = _splits(tmp_path, name)
+        assert len(split["train"]) == 300 and 20 <= len(split["test"]) <= 60, name
+        sources = {s: {r["source"] for r in rows} for s, rows in split.items()}
+        assert sources["train"].isdisjoint(sources["test"]) and len(sources["test"]) >= 2, name
+        assert {r["prompt"] for r in split["train"]}.isdisjoint(r["prompt"] for r in split["test"]), name
 
 
 # ------------------------------------------------------------------------------ fine-tuning data
@@ -217,6 +279,26 @@ def test_packed_examples_keep_to_themselves() -> None:
         packed = lm(input_ids=torch.tensor(ids[:1]), position_ids=torch.tensor(pos[:1]), use_cache=False)
         alone = lm(input_ids=torch.tensor(examples[1][None]), use_cache=False)
     torch.testing.assert_close(packed.logits[:, 7:13], alone.logits, rtol=1e-5, atol=1e-5)
+
+    # rayllm's own path (shift, positions cut like the inputs, the loss mask, each loss
+    # implementation): the packed row's loss is the sum of its examples' masked losses alone.
+    from rayllm.model.loss import NextTokenLoss, shift
+
+    row = torch.tensor(ids[:1], dtype=torch.long)
+    inputs, targets = shift(row, torch.tensor(mask[:1]))
+    for impl in ("full", "chunked"):
+        loss = NextTokenLoss(lm, impl)
+        with torch.no_grad():
+            nll, count, _ = loss(inputs, targets, torch.tensor(pos[:1, :-1], dtype=torch.long))
+            parts = []
+            for k in (0, 1):
+                ex = torch.tensor(examples[k][None], dtype=torch.long)
+                m = torch.tensor(
+                    np.r_[np.zeros(lengths[k] // 2), np.ones(lengths[k] - lengths[k] // 2)][None]
+                )
+                parts.append(loss(*shift(ex, m)))
+        assert count.item() == sum(c.item() for _, c, _ in parts) == mask[0, 1:].sum()
+        assert nll.item() == pytest.approx(sum(n.item() for n, _, _ in parts), rel=1e-5), impl
 
 
 # ------------------------------------------------------------------------------------ end to end

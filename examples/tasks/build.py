@@ -83,9 +83,11 @@ def docstring_pairs() -> dict[str, list[tuple[str, str]]]:
     return out
 
 
-def write(task: str, by_file: dict[str, list[tuple[str, str]]], prompt: str, limits: tuple[int, int]) -> None:
-    folder = HERE / task
-    folder.mkdir(exist_ok=True)
+def write(
+    task: str, by_file: dict[str, list[tuple[str, str]]], prompt: str, limits: tuple[int, int], out: Path
+) -> None:
+    folder = out / task
+    folder.mkdir(parents=True, exist_ok=True)
     seen: set[str] = set()
     split: dict[str, list[dict[str, str]]] = {"train": [], "test": []}
     for name, pairs in sorted(by_file.items()):
@@ -107,15 +109,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--train", type=int, default=2000, help="rows kept per training file")
     ap.add_argument("--test", type=int, default=200, help="rows kept per test file")
+    ap.add_argument("--out", type=Path, default=HERE, help="folder of the task folders")
     args = ap.parse_args()
     limits = (args.train, args.test)
     for lang, (locale, name) in LANGS.items():
         pairs = translation_pairs(locale)
         if not pairs:
             raise SystemExit(f"no gettext catalogs in /usr/share/locale/{locale}: translation needs them")
-        write(f"translate-en-{lang}", pairs, f"Translate into {name}: {{}}", limits)
+        write(f"translate-en-{lang}", pairs, f"Translate into {name}: {{}}", limits, args.out)
     summarize = "Summarize in one line what this Python function does:\n{}"
-    write("summarize-code", docstring_pairs(), summarize, limits)
+    write("summarize-code", docstring_pairs(), summarize, limits, args.out)
 
 
 if __name__ == "__main__":

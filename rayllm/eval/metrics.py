@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -82,21 +81,25 @@ def pass_at_k(passed: Sequence[Sequence[bool]], ks: Sequence[int]) -> dict[str, 
 
 
 # --------------------------------------------------------------------------------------- sandbox
-def _limits(memory_mb: int, cpu_s: int) -> None:
-    """In the child, before exec: its own session (killable as a group), bounded memory and CPU time,
-    no core files, no new files larger than 1 MB."""
-    os.setsid()
-    resource.setrlimit(resource.RLIMIT_AS, (memory_mb << 20, memory_mb << 20))
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+def _limits(memory_mb: int, cpu_s: int) -> str:
+    """Python lines the child runs before the candidate: bounded memory and CPU time, no core files,
+    no new files larger than 1 MB. Soft and hard limits are equal, so the candidate cannot raise them;
+    set inside the child because ``preexec_fn`` may deadlock in a threaded parent (a Ray driver)."""
+    limits = {
+        "RLIMIT_AS": memory_mb << 20,
+        "RLIMIT_CPU": cpu_s,
+        "RLIMIT_CORE": 0,
+        "RLIMIT_FSIZE": 1 << 20,
+    }
+    lines = [f"_r.setrlimit(_r.{name}, ({v}, {v}))" for name, v in limits.items()]
+    return "\n".join(["import resource as _r", *lines, "del _r"]) + "\n"
 
 
 def run_tests(code: str, tests: str, timeout_s: float = 5.0, memory_mb: int = 512) -> dict[str, Any]:
     """Run a candidate program and its tests in a fresh, isolated Python process in an empty temporary
     folder, under a wall-clock timeout and memory / CPU limits. An infinite loop, a memory bomb or a
     crash fails the candidate; the evaluator itself is never affected. Returns passed and why not."""
-    program = f"{code}\n\n{tests}\n"
+    program = f"{_limits(memory_mb, max(1, int(timeout_s) + 1))}\n{code}\n\n{tests}\n"
     with tempfile.TemporaryDirectory(prefix="rayllm-sandbox-") as d:
         proc = subprocess.Popen(
             [sys.executable, "-I", "-S", "-c", program],
@@ -105,7 +108,7 @@ def run_tests(code: str, tests: str, timeout_s: float = 5.0, memory_mb: int = 51
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
-            preexec_fn=lambda: _limits(memory_mb, max(1, int(timeout_s) + 1)),
+            start_new_session=True,  # its own process group: killable with all it started
         )
         try:
             _, err = proc.communicate(timeout=timeout_s)
