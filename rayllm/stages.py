@@ -66,7 +66,7 @@ STAGES: tuple[Stage, ...] = (
         "eval",
         "rayllm.eval.stage",
         "Ray Data",
-        "Perplexity and token accuracy of the exported model on the validation split.",
+        "Perplexity and token accuracy on the validation split; downstream task metrics (eval.tasks).",
         ("loss", "perplexity", "token_accuracy", "tasks"),
         ("eval",),
         ("prep", "train"),
