@@ -150,7 +150,13 @@ class Bench:
             data = "none (loss equals the unbroken run's)" if exact and complete else "DIFFERS"
         else:
             data = "none (every step's rows, exactly once)" if complete else "DIFFERS"
-        survived = bool(resumes) and complete and (exact or not expect_exact) and resumed_from >= registered
+        survived = (
+            bool(resumes)
+            and complete
+            and (exact or not expect_exact)
+            and resumed_from >= registered
+            and lost <= INTERVAL  # the promise: at most one checkpoint interval lost
+        )
         self.rows.append(
             {"fault": fault, "survived": survived, "steps_lost": lost, "data_lost": data, "note": note}
         )

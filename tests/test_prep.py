@@ -473,3 +473,40 @@ def test_a_bad_fine_tuning_example_fails_with_file_and_line_or_is_counted(tmp_pa
         docs(sft)
     kept = docs(sft, on_error="skip")
     assert [bool(d["reason"]) for d in kept] == [False, True]
+
+
+def test_a_killed_prep_leaves_nothing_train_reads_and_a_rerun_equals_a_clean_one(
+    ray_cluster, prepped, tiny_corpus, tmp_path
+):
+    """What prep killed mid-run leaves (shards, a half-written ``.tmp``, no manifest): train refuses it
+    in one line, and a re-run replaces it with shards byte-identical to a clean prep's.
+    (`bench/bench_faults.py` kills a real prep process mid-run; this pins the states it can leave.)"""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import tiny_config
+
+    from rayllm.prep.stage import run as prep
+
+    cfg = tiny_config(tmp_path, tiny_corpus)
+    prep(cfg)
+    out = tmp_path / "prep"
+    (out / "manifest.json").unlink()  # killed before the manifest: the last file prep writes
+    first = sorted((out / "train").glob("shard-*.parquet"))[0]
+    (out / "train" / "shard-00099.parquet.tmp").write_bytes(first.read_bytes()[:100])  # cut mid-write
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    train = subprocess.run(
+        [sys.executable, "-m", "rayllm", "train", "-r", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert train.returncode == 2 and "manifest.json not found" in train.stderr, train.stderr[-2000:]
+    prep(cfg)
+    clean = json.loads((Path(prepped.run_dir) / "prep" / "manifest.json").read_text())
+    again = json.loads((out / "manifest.json").read_text())
+    assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in clean["shards"]]
+    assert not list(out.rglob("*.tmp"))
