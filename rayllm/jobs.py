@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ipaddress
 import json
 import logging
 import os
@@ -27,7 +26,7 @@ from urllib.parse import urlsplit
 from rayllm import stages
 from rayllm.config import RunConfig, load_config
 from rayllm.errors import ConfigError, RayllmError, find_user_error, one_line
-from rayllm.runtime import is_uri, worker_env
+from rayllm.runtime import is_loopback, is_uri, worker_env
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
@@ -131,16 +130,6 @@ def client(address: str) -> JobSubmissionClient:
         return JobSubmissionClient(address)
 
 
-def _is_loopback(address: str) -> bool:
-    host = urlsplit(address).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 # ------------------------------------------------------------------------------------------ submit
 def project_dir() -> Path:
     """The folder uploaded as the job's working_dir: the checkout that holds ``jobs/run_stage.py``."""
@@ -157,7 +146,9 @@ def _job_run_dir(run_dir: str, address: str) -> str:
     """A run dir the job can use: a relative one would land in the job's temporary copy of the project."""
     if is_uri(run_dir) or run_dir.startswith("~") or Path(run_dir).is_absolute():
         return run_dir
-    if _is_loopback(address):  # the head runs on this machine: same path as a local `rayllm <stage>`
+    if is_loopback(
+        urlsplit(address).hostname or ""
+    ):  # the head runs on this machine: same path as a local `rayllm <stage>`
         return str(Path(run_dir).resolve())
     raise RayllmError(
         f"run_dir {run_dir!r} is relative, but a job runs in a temporary copy of the project on the "

@@ -17,10 +17,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import yaml
 from rich.console import Console
 
-from rayllm.config import RunConfig, apply_overrides, validate_config
+from rayllm.config import RunConfig
 from rayllm.errors import ConfigError
 from rayllm.rundir import RunDir
 from rayllm.runtime import ray_session
@@ -209,9 +208,9 @@ def _record(rd: RunDir, name: str, want: dict[str, Any], status_: str) -> None:
 
 def _with_best(cfg: RunConfig, rd: RunDir) -> RunConfig:
     """The config with the best tune trial's settings (tune/summary.json), for the train stage."""
-    best = rd.read_summary("tune")["best_params"]
-    overrides = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}" for k, v in best.items()]
-    return validate_config(apply_overrides(cfg.dump(), overrides), origin="tune/summary.json best_params")
+    from rayllm.tune import best_config
+
+    return best_config(cfg, rd.read_summary("tune")["best_params"])
 
 
 # --------------------------------------------------------------------------------------------- demo

@@ -176,6 +176,18 @@ def ray_session(cfg: ClusterConfig, use_gpu: bool = False) -> Iterator[None]:
             ray.shutdown()
 
 
+def is_loopback(host: str) -> bool:
+    """Whether a host name or IP address is this machine only (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 # ------------------------------------------------------------------------------- paths and URIs
 def is_uri(path: str) -> bool:
     return "://" in path and not path.startswith("pkg://")

@@ -441,6 +441,13 @@ def test_sft_prep_then_lora_fine_tune_and_merged_export(ray_cluster, tmp_path: P
     assert not torch.allclose(exported[q], original[q])  # the adapters' update, merged
     AutoModelForCausalLM.from_pretrained(t["export_dir"])  # a plain transformers folder
 
+    # A longer run continues from the LoRA checkpoint (adapters and their optimizer state).
+    longer = train(run.model_copy(update={"train": run.train.model_copy(update={"max_steps": 9})}))
+    resumes = [r for r in RunDir.of(run).read_metrics("train") if r.get("event") == "resume"]
+    assert [r["step"] for r in resumes] == [6] and longer["steps"] == 9
+    first_after = next(r for r in RunDir.of(run).read_metrics("train") if r.get("step") == 8 and "loss" in r)
+    assert first_after["loss"] < t["train_loss_first"]  # trained adapters, not fresh ones
+
 
 @pytest.mark.slow
 def test_import_gguf_gives_the_logits_transformers_reads_from_it(tmp_path: Path) -> None:

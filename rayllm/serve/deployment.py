@@ -9,7 +9,6 @@ of up to ``serve.max_batch`` sequences; replicas scale between ``serve.replicas.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import os
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from ray.serve import Application
 from rayllm.config import RunConfig, ServeConfig, validate_config
 from rayllm.errors import ConfigError, RunDirError
 from rayllm.rundir import RunDir, model_folder
-from rayllm.runtime import worker_env
+from rayllm.runtime import is_loopback, worker_env
 from rayllm.serve.engine import Engine, GenerationStream
 from rayllm.serve.http import build_api
 from rayllm.serve.openai import OpenAIHandler
@@ -101,21 +100,12 @@ def api_keys(serve_cfg: ServeConfig) -> list[str]:
 
 def check_exposure(serve_cfg: ServeConfig, keys: list[str]) -> None:
     """Refuse to put a model on a network address without keys unless told so explicitly."""
-    if keys or serve_cfg.allow_unauthenticated or _is_loopback(serve_cfg.host):
+    if keys or serve_cfg.allow_unauthenticated or is_loopback(serve_cfg.host):
         return
     raise ConfigError(
         f"serve.host={serve_cfg.host} lets anyone who reaches port {serve_cfg.port} use the model: set "
         f"serve.api_keys or serve.api_keys_file (or ${KEYS_FILE_ENV}), or serve.allow_unauthenticated=true"
     )
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def build_app(serve_cfg: ServeConfig, model_dir: str) -> Application:
