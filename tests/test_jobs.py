@@ -108,7 +108,7 @@ def _prep_jobs(url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     probe = f"from rayllm import jobs; print(len(jobs.client({url!r}).list_jobs()))"
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "unused"}
     r = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0 and r.stdout.strip() == "3", r.stderr[-2000:]
+    assert r.returncode == 0 and r.stdout.strip() == "4", r.stderr[-2000:]
 
     # An invalid config never reaches the cluster: the CLI exits 2 before submitting.
     bad = tmp_path / "bad.yaml"
