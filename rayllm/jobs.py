@@ -146,9 +146,8 @@ def _job_run_dir(run_dir: str, address: str) -> str:
     """A run dir the job can use: a relative one would land in the job's temporary copy of the project."""
     if is_uri(run_dir) or run_dir.startswith("~") or Path(run_dir).is_absolute():
         return run_dir
-    if is_loopback(
-        urlsplit(address).hostname or ""
-    ):  # the head runs on this machine: same path as a local `rayllm <stage>`
+    # The head runs on this machine: the same path as a local `rayllm <stage>`.
+    if is_loopback(urlsplit(address).hostname or ""):
         return str(Path(run_dir).resolve())
     raise RayllmError(
         f"run_dir {run_dir!r} is relative, but a job runs in a temporary copy of the project on the "
