@@ -35,16 +35,6 @@ RESUMABLE = {
 }  # fmt: skip
 
 
-def _pick(raw: dict[str, Any], paths: tuple[str, ...]) -> dict[str, Any]:
-    out = {}
-    for path in paths:
-        node: Any = raw
-        for part in path.split("."):
-            node = node[part]
-        out[path] = node
-    return out
-
-
 def _hash(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -77,11 +67,7 @@ def plan(cfg: RunConfig, best: RunConfig | None = None) -> dict[str, dict[str, A
     out: dict[str, dict[str, Any]] = {}
     for stage in STAGES:
         raw = tuned if NAMES.index(stage.name) >= NAMES.index("train") else given
-        picked = _pick(raw, stage.reads)
-        for path in stage.ignores:
-            section, field = path.split(".")
-            picked[section] = {k: v for k, v in picked[section].items() if k != field}
-        inputs: dict[str, Any] = {"config": picked}
+        inputs: dict[str, Any] = {"config": stage.config_fields(raw)}
         inputs["upstream"] = {u: out[u]["fingerprint"] for u in stage.consumes if _wanted(get(u), cfg)}
         if stage.name == "prep":
             inputs["sources"] = _hash(_source_stats(cfg))

@@ -28,6 +28,19 @@ class Stage:
     consumes: tuple[str, ...] = ()  # the stages whose outputs it reads
     ignores: tuple[str, ...] = ()  # fields inside ``reads`` that cannot change its outputs
 
+    def config_fields(self, raw: dict[str, Any]) -> dict[str, Any]:
+        """What of ``cfg.dump()`` this stage depends on: ``reads``, less its ``ignores``."""
+        out: dict[str, Any] = {}
+        for path in self.reads:
+            node: Any = raw
+            for part in path.split("."):
+                node = node[part]
+            out[path] = node
+        for path in self.ignores:
+            section, field = path.split(".")
+            out[section] = {k: v for k, v in out[section].items() if k != field}
+        return out
+
     @property
     def entry(self) -> Callable[..., dict[str, Any]]:
         return getattr(importlib.import_module(self.module), ENTRY)

@@ -124,12 +124,10 @@ def _check_space(cfg: RunConfig) -> None:
 
 def _search_key(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
     """What a search is: resuming one means the same space, scheduler, trial config and data."""
-    raw, manifest = cfg.dump(), rd.data.manifest()
-    for path in stages.get("tune").ignores:  # what a trial overrides is no part of the search
-        section, field = path.split(".")
-        raw[section].pop(field)
+    manifest = rd.data.manifest()
     data = {"tokenizer": manifest.tokenizer_hash, "blocks": manifest.blocks}
-    return {"tune": raw["tune"], "model": raw["model"], "train": raw["train"], "data": data}
+    # The tune row's fields: what a trial overrides (its steps, storage, export) is no part of it.
+    return {**stages.get("tune").config_fields(cfg.dump()), "data": data}
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:
