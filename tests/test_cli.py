@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -98,3 +99,26 @@ def test_missing_source_path_exit_2(tmp_path: Path):
 def test_unknown_verb_is_usage_error():
     result = runner.invoke(app, ["frobnicate"])
     assert result.exit_code == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["eval", "--set", "eval.tasks=[{name: c, file: x.jsonl, kind: code, samples: 2, temperature: 0}]"],
+         "samples=2 needs temperature > 0"),
+        (["eval", "--set", "eval.tasks=[{name: c, file: x.jsonl, kind: code, samples: 2, k: [5]}]"],
+         r"k=\[5\] is more than samples=2"),
+        (["submit", "prep", "--until", "prep", "--address", "http://127.0.0.1:9"],
+         "--until and --serve belong to `rayllm submit run`"),
+    ],
+)  # fmt: skip
+def test_settings_that_cannot_work_are_one_line_exit_2(tmp_path: Path, args: list[str], message: str):
+    proc = subprocess.run(
+        [sys.executable, "-m", "rayllm", *args, "--run-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert re.search(message, lines[0]) and "Traceback" not in proc.stderr
