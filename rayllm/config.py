@@ -452,6 +452,12 @@ class TuneConfig(Strict):
     max_concurrent: PositiveInt | None = Field(
         None, description="trials running at once; default: as many as the cluster's CPUs (GPUs) hold"
     )
+    grid_order: Literal["shuffled", "listed"] = Field(
+        "shuffled",
+        description="the order grid points run in: shuffled (by tune.seed), so that ASHA's rungs meet "
+        "a fair sample of the grid rather than a sorted sweep; listed: as written",
+    )
+    seed: int = Field(0, description="seeds the grid's shuffled order, random sampling and Optuna")
     space: dict[str, Any] = Field(
         default_factory=dict,
         description="config field -> values: a list (every value: a grid), {choice: [...]} (sampled), "

@@ -17,8 +17,10 @@ stop weak trials early (Train V2 does not accept ``Tuner(trainable=trainer)``).
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import random
 import shutil
 import time
 from pathlib import Path
@@ -36,17 +38,24 @@ from rayllm.runtime import ray_session
 
 SAMPLERS = ("choice", "grid", "uniform", "loguniform", "randint")
 EXPERIMENT = "tune"
+GRID = "grid"  # the Tune config key of the grid's points: no config field is named so
 
 
-def search_space(space: dict[str, Any], search: str = "random") -> dict[str, Any]:
+def search_space(
+    space: dict[str, Any], search: str = "random", order: str = "shuffled", seed: int = 0
+) -> dict[str, Any]:
     """``{train.optimizer.lr: {loguniform: [1e-4, 1e-2]}, train.optimizer.name: [sgd, adamw]}`` -> Tune.
 
-    A plain list is a grid (every value) under random search; Optuna proposes points itself, so
-    there a list is a categorical choice and ``grid`` is refused.
+    A plain list is a grid (every value) under random search. The grid's points are one Tune grid
+    under the key ``GRID``, in a seeded shuffled order unless ``order`` is ``listed``: run one after
+    another in a sorted sweep (sgd before adamw, small lr before large), each trial would only meet
+    worse ones at ASHA's rungs and none would be stopped. Optuna proposes points itself, so there a
+    list is a categorical choice and ``grid`` is refused.
     """
     from ray import tune
 
     out: dict[str, Any] = {}
+    grid: dict[str, list[Any]] = {}
     for key, spec in space.items():
         where = f"tune.space.{key}"
         if isinstance(spec, list):
@@ -59,14 +68,28 @@ def search_space(space: dict[str, Any], search: str = "random") -> dict[str, Any
                 raise ConfigError(f"{where}: {kind} needs a non-empty list of values")
             if kind == "grid" and search == "optuna":
                 raise ConfigError(f"{where}: tune.search=optuna proposes points itself; use a list or choice")
-            out[key] = tune.grid_search(args) if kind == "grid" else tune.choice(args)
+            if kind == "grid":
+                grid[key] = args
+            else:
+                out[key] = tune.choice(args)
         else:
             if not (isinstance(args, list) and len(args) == 2 and args[0] < args[1]):
                 raise ConfigError(f"{where}: {kind} needs [low, high] with low < high, got {args!r}")
             if kind == "loguniform" and args[0] <= 0:
                 raise ConfigError(f"{where}: loguniform needs low > 0, got {args[0]}")
             out[key] = getattr(tune, kind)(*args)
+    if grid:
+        points = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
+        if order == "shuffled":
+            random.Random(seed).shuffle(points)
+        out[GRID] = tune.grid_search(points)
     return out
+
+
+def trial_params(config: dict[str, Any], space: dict[str, Any]) -> dict[str, Any]:
+    """A trial's searched fields, by name, from its Tune config (grid points sit under ``GRID``)."""
+    flat = {**config, **config.get(GRID, {})}
+    return {k: flat[k] for k in space}
 
 
 def _overrides(params: dict[str, Any]) -> list[str]:
@@ -137,7 +160,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     tc = cfg.tune
-    space = search_space(tc.space, tc.search)
+    space = search_space(tc.space, tc.search, tc.grid_order, tc.seed)
     _check_space(cfg)
     if tc.search == "optuna":
         try:
@@ -157,8 +180,9 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         shutil.rmtree(out / "trials", ignore_errors=True)
         write_json(saved_key, key)
 
-    def trial(params: dict[str, Any], splits: dict[str, Any] | None) -> None:
+    def trial(config: dict[str, Any], splits: dict[str, Any] | None) -> None:
         # Each trial is a run of its own whose packed data is this run's.
+        params = trial_params(config, tc.space)
         trial_dir = out / "trials" / tune.get_context().get_trial_id()
         trial_dir.mkdir(parents=True, exist_ok=True)
         write_json(trial_dir / "trial.json", {"started": time.time(), "params": params})
@@ -184,16 +208,21 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         splits = {s: rd.data.read(s).materialize() for s in SPLITS} if small else None
         # The trial function only drives a TorchTrainer: its workers hold the real resources.
         trainable = tune.with_resources(tune.with_parameters(trial, splits=splits), {"CPU": 0.01})
+        concurrent = max_concurrent(cfg)
         if same_search and tune.Tuner.can_restore(str(experiment)):
             tuner = tune.Tuner.restore(
                 str(experiment), trainable, resume_unfinished=True, resume_errored=True
             )
         else:
-            search_alg = None
             if tc.search == "optuna":
                 from ray.tune.search.optuna import OptunaSearch
 
-                search_alg = OptunaSearch(seed=cfg.train.seed)
+                search_alg = OptunaSearch(seed=tc.seed)
+            else:
+                from ray.tune.search import BasicVariantGenerator
+
+                # Tune's default generator, seeded; it takes the concurrency limit itself.
+                search_alg = BasicVariantGenerator(max_concurrent=concurrent, random_state=tc.seed)
             tuner = tune.Tuner(
                 trainable,
                 param_space=space,
@@ -203,11 +232,10 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                     num_samples=num_samples(cfg),
                     scheduler=scheduler,
                     search_alg=search_alg,
-                    max_concurrent_trials=max_concurrent(cfg),
+                    max_concurrent_trials=concurrent if tc.search == "optuna" else None,
                 ),
                 run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out / "ray"), verbose=0),
             )
-        concurrent = max_concurrent(cfg)
         results = tuner.fit()
         taken: set[str] = set()
         trials = [_trial_row(r, tc.space, tc.metric, out, taken) for r in results]
@@ -259,7 +287,7 @@ def _trial_metrics(folder: Path) -> list[dict[str, Any]]:
 
 def _trial_row(r: Any, space: dict[str, Any], metric: str, out: Path, taken: set[str]) -> dict[str, Any]:
     """One trial as a plain record, from its result and its own run folder (``tune/trials/<id>``)."""
-    params = {k: r.config[k] for k in space}
+    params = trial_params(r.config, space)
     folder = out / "trials" / str((r.metrics or {}).get("trial_id"))
     if not folder.is_dir():  # a trial that failed before reporting: its folder by its parameters
         candidates = [

@@ -33,7 +33,8 @@ def test_grid_asha_resume_and_best_config(ray_cluster, prepped, tmp_path):
     its first finished trial resumes without re-running it; best.yaml reproduces the best trial."""
     from rayllm.train.stage import run as train
 
-    # One trial at a time: the later ones meet ASHA's rungs with the earlier ones' results there.
+    # One trial at a time: the later ones meet ASHA's rungs with the earlier ones' results there
+    # (tune.seed 0 shuffles the grid to 3e-3, 3e-5, 1e-2: the weak 3e-5 meets 3e-3 at the rung).
     cfg = tune_cfg(prepped, tmp_path, {"train.optimizer.lr": [3e-3, 1e-2, 3e-5]}, max_concurrent=1)
     config = tmp_path / "tune.yaml"
     config.write_text(yaml.safe_dump(cfg.public()))
@@ -106,10 +107,18 @@ def test_bad_search_space_is_rejected_before_ray(prepped, tmp_path, space, messa
 def test_lists_are_grids_and_optuna_samples_them():
     from ray.tune.search.sample import Categorical
 
-    from rayllm.tune import num_samples, search_space
+    from rayllm.tune import num_samples, search_space, trial_params
 
-    grid = search_space({"a": [1, 2], "b": {"choice": [3, 4]}})
-    assert grid["a"] == {"grid_search": [1, 2]} and isinstance(grid["b"], Categorical)
+    grid = search_space({"a": [1, 2], "b": {"choice": [3, 4]}}, order="listed")
+    assert grid["grid"] == {"grid_search": [{"a": 1}, {"a": 2}]} and isinstance(grid["b"], Categorical)
+    assert trial_params({"grid": {"a": 2}, "b": 4}, {"a": [1, 2], "b": {}}) == {"a": 2, "b": 4}
+    # Shuffled by default: every point once, in an order fixed by the seed and not the listed one.
+    space = {"a": [1, 2, 3, 4], "b": ["x", "y", "z"]}
+    listed = search_space(space, order="listed")["grid"]["grid_search"]
+    assert listed[:4] == [{"a": 1, "b": "x"}, {"a": 1, "b": "y"}, {"a": 1, "b": "z"}, {"a": 2, "b": "x"}]
+    orders = [search_space(space, seed=seed)["grid"]["grid_search"] for seed in (0, 0, 1)]
+    assert orders[0] == orders[1] != orders[2] and orders[0] != listed
+    assert all(sorted(o, key=str) == sorted(listed, key=str) for o in orders)
     assert isinstance(search_space({"a": [1, 2]}, "optuna")["a"], Categorical)
     with pytest.raises(ConfigError, match="optuna proposes points itself"):
         search_space({"a": {"grid": [1, 2]}}, "optuna")
