@@ -300,6 +300,26 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(ray_cluster, p
     assert Path(previous.path).name < Path(newest.path).name
 
 
+def test_a_resumed_run_reports_its_checkpoints_figures_until_it_measures_its_own(
+    ray_cluster, prepped, tmp_path
+):
+    """Ray Tune fails a trial on a report without its metric: after a resume, a checkpoint that comes
+    before the next validation still reports val_loss and train_loss (the restored checkpoint's)."""
+    from rayllm.rundir import RunDir
+    from rayllm.train.stage import run as fit
+    from rayllm.train.stage import trainer
+
+    run = tmp_path / "run"
+    first = fit(run_cfg(prepped, run, max_steps=6, export=False))  # validated and checkpointed at 6
+    cfg = run_cfg(prepped, run, max_steps=10, checkpoint_every=2, eval_every=5, log_every=5, export=False)
+    result = trainer(cfg, RunDir.of(cfg).start_stage(cfg, "train")).fit()
+    reports = {m["step"]: m for _, m in result.best_checkpoints}
+    assert sorted(reports) == [8, 10]  # the two newest kept; step 8 neither logs nor validates
+    assert reports[8]["val_loss"] == pytest.approx(first["val_loss_last"], rel=1e-9)
+    assert reports[8]["train_loss"] == pytest.approx(first["train_loss_last"], rel=1e-9)
+    assert reports[10]["val_loss"] != reports[8]["val_loss"]  # the last step validates anew
+
+
 @pytest.mark.slow
 def test_hung_worker_fails_the_collective_within_the_timeout(ray_cluster, prepped, tmp_path):
     """SIGSTOP a worker: its peer's all-reduce times out after train.collective_timeout_s, Ray Train

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import random
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,9 @@ class TrainState:
     train_seconds: float = 0.0  # wall time in training steps (data waits included; no eval, no checkpoints)
     world: int = 0
     zero_stage: int = 0
+    # The figures the checkpoint was reported with: a resumed run reports them until it measures its
+    # own (Ray Tune fails a trial on a report without its metric).
+    reported: dict[str, Any] = field(default_factory=dict)
 
 
 def read_state(ckpt: Any) -> TrainState:
@@ -60,8 +63,9 @@ def select(latest: Any, registered: list[Any]) -> tuple[Any, TrainState, list[st
     )
 
 
-def save(engine: Any, state: TrainState, rank: int, hf_config: Any, metrics: dict[str, Any]) -> None:
-    """Write this rank's shard, RNG streams and (rank 0) the state, then report it to Ray Train."""
+def save(engine: Any, state: TrainState, rank: int, hf_config: Any) -> None:
+    """Write this rank's shard, RNG streams and (rank 0) the state, then report it to Ray Train
+    with the state's ``reported`` figures."""
     import ray.train
 
     with tempfile.TemporaryDirectory() as d:
@@ -72,7 +76,7 @@ def save(engine: Any, state: TrainState, rank: int, hf_config: Any, metrics: dic
             write_checkpoint_state(Path(d), asdict(state))
             hf_config.save_pretrained(d)
         write_checksums(Path(d), rank)  # last: covers every file this rank wrote
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        ray.train.report(dict(state.reported), checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
 def restore(engine: Any, ckpt: Any, saved: TrainState, rank: int, world: int) -> None:

@@ -216,7 +216,7 @@ class Worker:
         import ray.train
 
         t, s = self.t, self.state
-        latest: dict[str, Any] = {}
+        latest: dict[str, Any] = dict(s.reported)  # a resumed run's: its checkpoint's report
         if s.step == 0:
             with self.watchdog.armed("the first validation"):
                 latest.update(self.evaluate())
@@ -244,10 +244,13 @@ class Worker:
                         self._log(**metrics)
                     # Every report carries the newest train and validation figures: Ray Tune
                     # rejects a result without its metric, and a checkpoint step need not be an
-                    # eval or log step.
+                    # eval or log step. tune.metric calls the training loss train_loss.
                     latest.update(metrics, step=s.step)
+                    if "loss" in metrics:
+                        latest["train_loss"] = metrics["loss"]
                     if s.step % t.checkpoint_every == 0 or s.step == t.max_steps:
-                        checkpoint.save(self.engine, s, self.rank, self.hf_config, dict(latest))
+                        s.reported = dict(latest)
+                        checkpoint.save(self.engine, s, self.rank, self.hf_config)
                     elif "val_loss" in metrics:
                         ray.train.report(dict(latest))
                 if s.step >= t.max_steps:
