@@ -440,10 +440,12 @@ class TuneConfig(Strict):
     scheduler: Literal["asha", "fifo"] = Field(
         "asha", description="asha stops weak trials early; fifo runs every trial to max_steps"
     )
-    metric: Literal["val_loss", "train_loss", "val_perplexity"] = Field(
-        "val_loss", description="what trials are ranked by"
+    metric: Literal["val_loss", "val_perplexity", "val_accuracy", "train_loss"] = Field(
+        "val_loss", description="what trials are ranked by: the last value each trial reported"
     )
-    mode: Literal["min", "max"] = Field("min", description="whether lower or higher metric is better")
+    mode: Literal["min", "max"] | None = Field(
+        None, description="whether a lower or higher metric is better; default max for val_accuracy, else min"
+    )
     max_steps: PositiveInt = Field(100, description="train.max_steps of each trial")
     grace_period: PositiveInt = Field(2, description="asha: steps every trial runs before it can be stopped")
     reduction_factor: Annotated[int, Field(ge=2)] = Field(
@@ -463,6 +465,12 @@ class TuneConfig(Strict):
         description="config field -> values: a list (every value: a grid), {choice: [...]} (sampled), "
         "{grid: [...]}, {uniform|loguniform|randint: [low, high]}",
     )
+
+    @model_validator(mode="after")
+    def _mode(self) -> TuneConfig:
+        if self.mode is None:
+            self.mode = "max" if self.metric == "val_accuracy" else "min"
+        return self
 
 
 # --------------------------------------------------------------------------------------------- eval

@@ -39,6 +39,7 @@ from rayllm.runtime import ray_session
 SAMPLERS = ("choice", "grid", "uniform", "loguniform", "randint")
 EXPERIMENT = "tune"
 GRID = "grid"  # the Tune config key of the grid's points: no config field is named so
+ROW_KEY = {"train_loss": "loss"}  # tune.metric -> its name in a trial's train metrics file
 
 
 def search_space(
@@ -300,13 +301,14 @@ def _trial_row(r: Any, space: dict[str, Any], metric: str, out: Path, taken: set
     rows = _trial_metrics(folder) if folder else []
     started = json.loads((folder / "trial.json").read_text())["started"] if folder else None
     first = next((x["time"] for x in rows if x.get("step") == 1 and "loss" in x), None)
-    vals = [x for x in rows if "val_loss" in x]
+    key = ROW_KEY.get(metric, metric)
+    scored = [x for x in rows if key in x and "step" in x]
     ckpt = RunDir.of(RunConfig(run_dir=str(folder))).latest_checkpoint() if folder else None
     return {
         "trial_id": folder.name if folder else None,
         "params": params,
-        "steps": vals[-1]["step"] if vals else None,
-        metric: vals[-1].get(metric) if vals else None,
+        "steps": scored[-1]["step"] if scored else None,
+        metric: scored[-1][key] if scored else None,
         "first_step_s": round(first - started, 1) if first and started else None,
         "checkpoint": ckpt.path if ckpt else None,
         "error": str(r.error).splitlines()[0] if r.error else None,
