@@ -90,6 +90,7 @@ def test_demo_then_run_skips_reruns_and_resumes(ray_cluster, tiny_corpus, tmp_pa
 def test_run_with_a_tune_grid_hands_the_best_trial_to_train(ray_cluster, tiny_corpus, tmp_path):
     """prep -> tune (a 2-point grid) -> train with the best lr -> eval, as one CLI command; a longer
     final train re-runs train and eval but neither prep nor the search."""
+    from rayllm.config import RunConfig
     from rayllm.rundir import RunDir
 
     cfg = tiny_config(
@@ -98,8 +99,9 @@ def test_run_with_a_tune_grid_hands_the_best_trial_to_train(ray_cluster, tiny_co
         train__workers=1,
         train__max_steps=6,
         train__eval_every=2,
-        train__checkpoint_every=3,  # not an eval step: every report to Tune still carries val_loss
+        train__checkpoint_every=3,  # not a log step: every report to Tune still carries the metric
         tune__space={"train.optimizer.lr": [3e-5, 3e-3]},
+        tune__metric="train_loss",  # the metrics file calls it loss
         tune__max_steps=4,
         tune__grace_period=2,
     )
@@ -113,6 +115,11 @@ def test_run_with_a_tune_grid_hands_the_best_trial_to_train(ray_cluster, tiny_co
     assert "tune (Ray Tune): running" in first.stderr
     tune = json.loads((tmp_path / "tune" / "summary.json").read_text())
     assert tune["trials"] == 2 and tune["best_params"] == {"train.optimizer.lr": 3e-3}
+    for trial in tune["all"]:  # each trial scored by the last training loss it logged
+        logged = RunDir.of(RunConfig(run_dir=str(tmp_path / "tune" / "trials" / trial["trial_id"])))
+        last = [r for r in logged.read_metrics("train") if "loss" in r][-1]
+        assert trial["train_loss"] == last["loss"] and trial["steps"] == last["step"]
+    assert tune["best_value"] == min(t["train_loss"] for t in tune["all"])
     trained = yaml.safe_load((tmp_path / "train" / "config.yaml").read_text())
     assert trained["train"]["optimizer"]["lr"] == 3e-3 and trained["train"]["max_steps"] == 6
     assert json.loads((tmp_path / "train" / "summary.json").read_text())["steps"] == 6

@@ -122,9 +122,13 @@ def test_continue_from_local_hf_folder_with_bf16_and_activation_checkpointing(ra
 
 
 def test_checkpoints_to_a_storage_uri_resume_and_export(ray_cluster, prepped, tmp_path):
-    """train.storage as a URI (file:// here; s3:// and gs:// take the same pyarrow path)."""
+    """train.storage as a URI (file:// here; s3:// and gs:// take the same pyarrow path). The resumed
+    run's first checkpoint comes before its next validation and still reports val_loss and
+    train_loss, the restored checkpoint's: Ray Tune fails a trial on a report without its metric."""
+    from rayllm.rundir import RunDir
     from rayllm.train.export import export_run
     from rayllm.train.stage import run as fit
+    from rayllm.train.stage import trainer
 
     remote = tmp_path / "bucket"
     uri = f"file://{remote}"
@@ -132,8 +136,16 @@ def test_checkpoints_to_a_storage_uri_resume_and_export(ray_cluster, prepped, tm
     assert first["checkpoint"].startswith(str(remote / "train"))
     assert list(remote.glob("train/checkpoint_*/ckpt/*optim_states.pt"))
     assert not (tmp_path / "run" / "train" / "ray").exists()
-    second = fit(run_cfg(prepped, tmp_path / "run", storage=uri, max_steps=12))
-    assert second["steps"] == 12 and second["resumes"] == 1
+    cfg = run_cfg(
+        prepped, tmp_path / "run", storage=uri, max_steps=10, checkpoint_every=2, eval_every=5, log_every=5
+    )
+    result = trainer(cfg, RunDir.of(cfg).start_stage(cfg, "train")).fit()
+    reports = {m["step"]: m for _, m in result.best_checkpoints}
+    assert sorted(reports) == [8, 10]  # the two newest kept; step 8 neither logs nor validates
+    assert reports[8]["val_loss"] == pytest.approx(first["val_loss_last"], rel=1e-9)
+    assert reports[8]["train_loss"] == pytest.approx(first["train_loss_last"], rel=1e-9)
+    assert reports[10]["val_loss"] != reports[8]["val_loss"]  # the last step validates anew
+    assert [r["step"] for r in metrics(tmp_path / "run") if r.get("event") == "resume"] == [6]
     out = export_run(str(tmp_path / "run"), str(tmp_path / "exported"))
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
 
@@ -298,26 +310,6 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(ray_cluster, p
     assert len(skipped) == 1 and Path(newest.path).name in skipped[0]["reason"]
     assert [r["step"] for r in events if r["event"] == "resume"] == [6]  # the previous checkpoint's step
     assert Path(previous.path).name < Path(newest.path).name
-
-
-def test_a_resumed_run_reports_its_checkpoints_figures_until_it_measures_its_own(
-    ray_cluster, prepped, tmp_path
-):
-    """Ray Tune fails a trial on a report without its metric: after a resume, a checkpoint that comes
-    before the next validation still reports val_loss and train_loss (the restored checkpoint's)."""
-    from rayllm.rundir import RunDir
-    from rayllm.train.stage import run as fit
-    from rayllm.train.stage import trainer
-
-    run = tmp_path / "run"
-    first = fit(run_cfg(prepped, run, max_steps=6, export=False))  # validated and checkpointed at 6
-    cfg = run_cfg(prepped, run, max_steps=10, checkpoint_every=2, eval_every=5, log_every=5, export=False)
-    result = trainer(cfg, RunDir.of(cfg).start_stage(cfg, "train")).fit()
-    reports = {m["step"]: m for _, m in result.best_checkpoints}
-    assert sorted(reports) == [8, 10]  # the two newest kept; step 8 neither logs nor validates
-    assert reports[8]["val_loss"] == pytest.approx(first["val_loss_last"], rel=1e-9)
-    assert reports[8]["train_loss"] == pytest.approx(first["train_loss_last"], rel=1e-9)
-    assert reports[10]["val_loss"] != reports[8]["val_loss"]  # the last step validates anew
 
 
 @pytest.mark.slow

@@ -87,27 +87,6 @@ def test_grid_asha_resume_and_best_config(ray_cluster, prepped, tmp_path):
     assert again["val_loss_last"] == pytest.approx(s["best_value"], rel=0.02)
 
 
-def test_train_loss_metric_in_listed_order(ray_cluster, prepped, tmp_path, capfd):
-    """tune.metric=train_loss ranks trials by the training loss each reported last (the train
-    metrics file calls it loss); grid_order=listed runs the points as written."""
-    from rayllm.tune import run
-
-    space = {"train.optimizer.lr": [3e-5, 3e-3]}
-    cfg = tune_cfg(
-        prepped, tmp_path, space, metric="train_loss", scheduler="fifo", grid_order="listed", max_steps=4
-    )
-    s = run(cfg)
-    assert s["metric"] == "train_loss" and s["best_params"] == {"train.optimizer.lr": 3e-3}
-    assert [t["params"]["train.optimizer.lr"] for t in s["all"]] == [3e-5, 3e-3]  # as listed
-    trials = {t["trial_id"]: t for t in s["all"]}
-    for trial_id, t in trials.items():
-        rows = (tmp_path / "tune" / "trials" / trial_id / "train" / "metrics.jsonl").read_text()
-        last = [json.loads(r) for r in rows.splitlines() if '"loss"' in r][-1]
-        assert t["steps"] == 4 and t["train_loss"] == last["loss"]
-    assert s["best_value"] == min(t["train_loss"] for t in s["all"])
-    assert "tune trials by train_loss" in capfd.readouterr().err
-
-
 @pytest.mark.parametrize(
     ("space", "message"),
     [
