@@ -5,8 +5,8 @@ not import train) into its own run folder ``tune/trials/<id>/``, on packed data 
 all trials, with ``TuneReportCallback`` forwarding the workers' validation reports so that ASHA can
 stop weak trials early (Train V2 does not accept ``Tuner(trainable=trainer)``).
 
-- Space: a plain list is every value (a grid); ``{choice: [...]}`` and the ranges are sampled;
-  ``tune.search: optuna`` proposes points with Optuna's TPE instead of random sampling.
+- Space: a plain list is every value (a grid, run in a seeded shuffled order); ``{choice: [...]}``
+  and the ranges are sampled; ``tune.search: optuna`` proposes points with Optuna's TPE instead.
 - Concurrency: as many trials as the cluster's CPUs (GPUs) hold, unless ``tune.max_concurrent``.
 - An interrupted search resumes (Ray Tune's restore) without re-running finished trials, as long
   as the search it was running is the same one.
