@@ -39,7 +39,7 @@ from rayllm.runtime import ray_session
 SAMPLERS = ("choice", "grid", "uniform", "loguniform", "randint")
 EXPERIMENT = "tune"
 GRID = "grid"  # the Tune config key of the grid's points: no config field is named so
-ROW_KEY = {"train_loss": "loss"}  # tune.metric -> its name in a trial's train metrics file
+REPORTED_AS = {"train_loss": "loss"}  # tune.metric -> the name train reports and logs it by
 
 
 def search_space(
@@ -228,7 +228,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                 trainable,
                 param_space=space,
                 tune_config=tune.TuneConfig(
-                    metric=tc.metric,
+                    metric=REPORTED_AS.get(tc.metric, tc.metric),
                     mode=tc.mode,
                     num_samples=num_samples(cfg),
                     scheduler=scheduler,
@@ -301,7 +301,7 @@ def _trial_row(r: Any, space: dict[str, Any], metric: str, out: Path, taken: set
     rows = _trial_metrics(folder) if folder else []
     started = json.loads((folder / "trial.json").read_text())["started"] if folder else None
     first = next((x["time"] for x in rows if x.get("step") == 1 and "loss" in x), None)
-    key = ROW_KEY.get(metric, metric)
+    key = REPORTED_AS.get(metric, metric)
     scored = [x for x in rows if key in x and "step" in x]
     ckpt = RunDir.of(RunConfig(run_dir=str(folder))).latest_checkpoint() if folder else None
     return {

@@ -123,8 +123,8 @@ def test_continue_from_local_hf_folder_with_bf16_and_activation_checkpointing(ra
 
 def test_checkpoints_to_a_storage_uri_resume_and_export(ray_cluster, prepped, tmp_path):
     """train.storage as a URI (file:// here; s3:// and gs:// take the same pyarrow path). The resumed
-    run's first checkpoint comes before its next validation and still reports val_loss and
-    train_loss, the restored checkpoint's: Ray Tune fails a trial on a report without its metric."""
+    run's first checkpoint comes before its next validation and still reports val_loss and the
+    training loss, the restored checkpoint's: Ray Tune fails a trial on a report without its metric."""
     from rayllm.rundir import RunDir
     from rayllm.train.export import export_run
     from rayllm.train.stage import run as fit
@@ -143,7 +143,7 @@ def test_checkpoints_to_a_storage_uri_resume_and_export(ray_cluster, prepped, tm
     reports = {m["step"]: m for _, m in result.best_checkpoints}
     assert sorted(reports) == [8, 10]  # the two newest kept; step 8 neither logs nor validates
     assert reports[8]["val_loss"] == pytest.approx(first["val_loss_last"], rel=1e-9)
-    assert reports[8]["train_loss"] == pytest.approx(first["train_loss_last"], rel=1e-9)
+    assert reports[8]["loss"] == pytest.approx(first["train_loss_last"], rel=1e-9)
     assert reports[10]["val_loss"] != reports[8]["val_loss"]  # the last step validates anew
     assert [r["step"] for r in metrics(tmp_path / "run") if r.get("event") == "resume"] == [6]
     out = export_run(str(tmp_path / "run"), str(tmp_path / "exported"))

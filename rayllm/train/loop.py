@@ -244,10 +244,8 @@ class Worker:
                         self._log(**metrics)
                     # Every report carries the newest train and validation figures: Ray Tune
                     # rejects a result without its metric, and a checkpoint step need not be an
-                    # eval or log step. tune.metric calls the training loss train_loss.
+                    # eval or log step.
                     latest.update(metrics, step=s.step)
-                    if "loss" in metrics:
-                        latest["train_loss"] = metrics["loss"]
                     if s.step % t.checkpoint_every == 0 or s.step == t.max_steps:
                         s.reported = dict(latest)
                         checkpoint.save(self.engine, s, self.rank, self.hf_config)
