@@ -66,13 +66,13 @@ def first_touch(target: float, trials: list[tuple[str, Curve]]) -> int | None:
     return None
 
 
-def stray(trials: list[tuple[str, Curve]], reference: dict[str, Curve]) -> float:
+def stray(trials: list[tuple[str, Curve]], reference: dict[str, dict[int, float]]) -> float:
     """The largest gap between a trial's validation loss and its settings' grid trial at one step."""
     gaps = [
-        abs(loss - dict(reference[params])[step])
+        abs(loss - reference[params][step])
         for params, points in trials
         for step, loss in points
-        if step in dict(reference[params])
+        if step in reference[params]
     ]
     return max(gaps, default=0.0)
 
@@ -108,7 +108,7 @@ def main() -> None:
         overrides = [*common, f"run_dir={run}", f"tune.scheduler={scheduler}", f"tune.seed={seed}"]
         s = tune(load_config([example], overrides))
         results[name] = {"summary": s, "seconds": round(time.time() - t0), "curves": curves(run)}
-    grid_curves = dict(results["grid"]["curves"])
+    grid_curves = {params: dict(points) for params, points in results["grid"]["curves"]}
     best = results["grid"]["summary"]["best_value"]
     target = best * (1 + WITHIN)
     table = []
