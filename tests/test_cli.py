@@ -110,6 +110,8 @@ def test_unknown_verb_is_usage_error():
          r"k=\[5\] is more than samples=2"),
         (["submit", "prep", "--until", "prep", "--address", "http://127.0.0.1:9"],
          "--until and --serve belong to `rayllm submit run`"),
+        (["tune", "--set", "tune.grid_order=sorted"], "tune.grid_order: got 'sorted'; input should be"),
+        (["tune", "--set", "tune.metric=loss"], r"tune.metric: got 'loss'; .*'train_loss'"),
     ],
 )  # fmt: skip
 def test_settings_that_cannot_work_are_one_line_exit_2(tmp_path: Path, args: list[str], message: str):
