@@ -358,6 +358,11 @@ class TrainConfig(Strict):
     grad_clip: Annotated[float, Field(ge=0)] = Field(1.0, description="clip the global gradient norm; 0: off")
     log_every: PositiveInt = Field(10, description="steps between train-metric lines (loss, tokens/s, MFU)")
     eval_every: PositiveInt = Field(100, description="steps between validation passes")
+    eval_at: list[PositiveInt] = Field(
+        default_factory=list,
+        description="more steps to validate at, besides every eval_every (tune adds ASHA's rungs, so "
+        "that each rung decides on a fresh validation)",
+    )
     eval_batches: PositiveInt = Field(8, description="global batches of the val split each validation scores")
     checkpoint_every: PositiveInt = Field(100, description="steps between checkpoints (and the last step)")
     keep_checkpoints: PositiveInt = Field(2, description="newest checkpoints kept in storage")
@@ -447,9 +452,14 @@ class TuneConfig(Strict):
         None, description="whether a lower or higher metric is better; default max for val_accuracy, else min"
     )
     max_steps: PositiveInt = Field(100, description="train.max_steps of each trial")
-    grace_period: PositiveInt = Field(2, description="asha: steps every trial runs before it can be stopped")
+    grace_period: PositiveInt | None = Field(
+        None,
+        description="asha: steps every trial runs before it can be stopped (the first rung); default: "
+        "the trials' warmup_steps, at least max_steps / reduction_factor^2 (a trial still warming up "
+        "is judged by how fast its learning rate ramps, not by where it is going)",
+    )
     reduction_factor: Annotated[int, Field(ge=2)] = Field(
-        2, description="asha: keep 1 of this many trials at each rung"
+        3, description="asha: keep 1 of this many trials at each rung; rungs are this factor apart"
     )
     max_concurrent: PositiveInt | None = Field(
         None, description="trials running at once; default: as many as the cluster's CPUs (GPUs) hold"
@@ -470,6 +480,14 @@ class TuneConfig(Strict):
     def _mode(self) -> TuneConfig:
         if self.mode is None:
             self.mode = "max" if self.metric == "val_accuracy" else "min"
+        return self
+
+    @model_validator(mode="after")
+    def _grace_within_trial(self) -> TuneConfig:
+        if self.grace_period is not None and self.grace_period > self.max_steps:
+            raise ValueError(
+                f"grace_period={self.grace_period} is longer than a trial (max_steps={self.max_steps})"
+            )
         return self
 
 
@@ -696,7 +714,7 @@ def _format_errors(err: ValidationError, origin: str) -> str:
             msg = "unknown key"
         elif e["type"] == "literal_error":
             msg = f"got {e['input']!r}; {msg.lower()}"
-        elif "input" in e and e["type"] not in ("missing",) and not isinstance(e["input"], dict):
+        elif "input" in e and e["type"] != "missing" and not isinstance(e["input"], dict | BaseModel):
             msg = f"{msg} (got {e['input']!r})"
         parts.append(f"{loc}: {msg}" if loc else msg)
     return f"invalid config{origin}: " + "; ".join(parts)

@@ -29,9 +29,9 @@ DEMO_PROMPT = "ROMEO:\n"
 # Train fields that change how long or how observably a run trains, not what it computes per step:
 # a run whose other fields are unchanged continues from its checkpoint (workers reshard).
 RESUMABLE = {
-    "max_steps", "log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints",
-    "max_failures", "collective_timeout_s", "export", "resume", "elastic_monitor_s", "workers",
-    "cpus_per_worker", "gpus_per_worker", "resources_per_worker", "storage",
+    "max_steps", "log_every", "eval_every", "eval_at", "eval_batches", "checkpoint_every",
+    "keep_checkpoints", "max_failures", "collective_timeout_s", "export", "resume", "elastic_monitor_s",
+    "workers", "cpus_per_worker", "gpus_per_worker", "resources_per_worker", "storage",
 }  # fmt: skip
 
 

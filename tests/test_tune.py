@@ -16,6 +16,7 @@ import yaml
 
 from rayllm.config import RunConfig, load_config
 from rayllm.errors import ConfigError
+from rayllm.rundir import RunDir
 
 
 def tune_cfg(prepped: RunConfig, run_dir: Path, space: dict, **tune) -> RunConfig:
@@ -23,7 +24,8 @@ def tune_cfg(prepped: RunConfig, run_dir: Path, space: dict, **tune) -> RunConfi
     raw["run_dir"] = str(run_dir)
     raw["train"]["data_dir"] = str(Path(prepped.run_dir) / "prep")
     # One worker per trial: trials are real DeepSpeed runs; 2-worker runs are train's tests.
-    raw["train"].update(eval_every=2, checkpoint_every=4, workers=1, micro_batch=8)
+    # eval_every=4: ASHA's rungs (2, 6) are validated only because tune asks for them.
+    raw["train"].update(eval_every=4, checkpoint_every=4, workers=1, micro_batch=8)
     raw["tune"] = {"space": space, "max_steps": 8, "grace_period": 2, **tune}
     return RunConfig.model_validate(raw)
 
@@ -68,7 +70,12 @@ def test_grid_asha_resume_and_best_config(ray_cluster, prepped, tmp_path):
     assert (first.parent / "trial.json").read_text() == first_trial
     s = json.loads((tmp_path / "tune" / "summary.json").read_text())
     assert s["trials"] == 3 and len({t["trial_id"] for t in s["all"]}) == 3
-    assert s["trials_stopped_early"] >= 1
+    assert s["trials_stopped_early"] >= 1 and s["rungs"] == [2, 6]
+    for t in s["all"]:  # every trial validated at each rung it reached, off its eval_every
+        trial_run = RunConfig(run_dir=str(tmp_path / "tune" / "trials" / t["trial_id"]))
+        rows = RunDir.of(trial_run).read_metrics("train")
+        validated = [r["step"] for r in rows if "val_loss" in r]
+        assert validated == [v for v in (0, 2, 4, 6, 8) if v <= t["steps"]], t
     assert s["trial_steps"] < 3 * 8
     assert all(t["first_step_s"] is not None and t["first_step_s"] > 0 for t in s["all"])
     assert s["best_params"]["train.optimizer.lr"] in (3e-3, 1e-2)
@@ -127,3 +134,39 @@ def test_lists_are_grids_and_optuna_samples_them():
         {"tune": {"space": {"train.optimizer.lr": {"loguniform": [1e-4, 1e-2]}}}}
     )
     assert num_samples(only_grid) == 1 and num_samples(sampled) == 8
+
+
+def test_asha_rungs_are_rays_and_every_trial_validates_at_them():
+    """The rungs are where Ray's ASHA judges; a trial validates at each, whatever its eval_every."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    from rayllm.tune import grace_period, rungs, trial_config
+
+    def cfg(warmup: int = 30, **tune) -> RunConfig:
+        raw = {
+            "train": {"eval_every": 50, "eval_at": [7], "schedule": {"warmup_steps": warmup}},
+            "tune": tune,
+        }
+        return RunConfig.model_validate(raw)
+
+    # Default grace: the warmup, at least max_steps / rf^2; rf defaults to 3.
+    assert grace_period(cfg(max_steps=150)) == 30 and rungs(cfg(max_steps=150)) == [30, 90]
+    assert grace_period(cfg(0, max_steps=100)) == 11 and rungs(cfg(0, max_steps=100)) == [11, 33, 99]
+    assert grace_period(cfg(500, max_steps=100)) == 100
+    for c in (
+        cfg(max_steps=150),
+        cfg(0, max_steps=100),
+        cfg(max_steps=81, grace_period=1),
+        cfg(max_steps=64, grace_period=2, reduction_factor=2),
+    ):
+        ray_rungs = ASHAScheduler(
+            time_attr="step", max_t=c.tune.max_steps, grace_period=grace_period(c),
+            reduction_factor=c.tune.reduction_factor,
+        )._brackets[0]._rungs  # fmt: skip
+        assert rungs(c) == sorted(milestone for milestone, _ in ray_rungs)
+    # A trial validates at every rung before its last step (which always validates), plus its own.
+    assert trial_config(cfg(0, max_steps=100), {}).train.eval_at == [7, 11, 33, 99]
+    assert trial_config(cfg(max_steps=81, grace_period=1), {}).train.eval_at == [1, 3, 7, 9, 27]
+    assert trial_config(cfg(0, max_steps=100, scheduler="fifo"), {}).train.eval_at == [7]
+    with pytest.raises(ValueError, match="grace_period=200 is longer than a trial"):
+        cfg(max_steps=100, grace_period=200)

@@ -221,6 +221,7 @@ class Worker:
             with self.watchdog.armed("the first validation"):
                 latest.update(self.evaluate())
                 self._log(step=0, **latest, world=self.world)
+        eval_at = set(t.eval_at)
         window = _Window(self.device)
         while s.step < t.max_steps:
             finished_epoch = True
@@ -237,7 +238,7 @@ class Worker:
                     with self.watchdog.armed("the metrics all-reduce"):
                         metrics = self._train_metrics(window)
                 with window.paused():  # validation and checkpoints are not training time
-                    if s.step % t.eval_every == 0 or s.step == t.max_steps:
+                    if s.step % t.eval_every == 0 or s.step == t.max_steps or s.step in eval_at:
                         with self.watchdog.armed("validation"):
                             metrics.update(step=s.step, **self.evaluate())
                     if metrics:
