@@ -112,6 +112,8 @@ def test_unknown_verb_is_usage_error():
          "--until and --serve belong to `rayllm submit run`"),
         (["tune", "--set", "tune.grid_order=sorted"], "tune.grid_order: got 'sorted'; input should be"),
         (["tune", "--set", "tune.metric=loss"], r"tune.metric: got 'loss'; .*'train_loss'"),
+        (["tune", "--set", "tune.grace_period=500"],
+         r"tune: grace_period=500 is longer than a trial \(max_steps=100\)$"),
     ],
 )  # fmt: skip
 def test_settings_that_cannot_work_are_one_line_exit_2(tmp_path: Path, args: list[str], message: str):
