@@ -363,18 +363,33 @@ def model_folder(path: Path, origin: str, field: str = "model_dir") -> str:
 
 
 # ----------------------------------------------------------------------------- checkpoint files
+def _checkpoint_results(storage: str) -> tuple[Any, str, list[dict[str, Any]]]:
+    """Ray Train's snapshot of the checkpoints it keeps: (filesystem, root, [{dir name, metrics}])."""
+    fs, root = filesystem(storage)
+    snapshot = f"{root}/{TRAIN_RUN}/checkpoint_manager_snapshot.json"
+    if fs.get_file_info(snapshot).type == pafs.FileType.NotFound:
+        return fs, root, []
+    with fs.open_input_stream(snapshot) as f:
+        return fs, root, json.loads(f.read()).get("checkpoint_results") or []
+
+
 def registered_checkpoints(storage: str) -> list[Any]:
     """Checkpoints Ray Train registered under ``storage`` and still keeps, newest first."""
     from ray.train import Checkpoint
 
-    fs, root = filesystem(storage)
-    snapshot = f"{root}/{TRAIN_RUN}/checkpoint_manager_snapshot.json"
-    if fs.get_file_info(snapshot).type == pafs.FileType.NotFound:
-        return []
-    with fs.open_input_stream(snapshot) as f:
-        results = json.loads(f.read()).get("checkpoint_results") or []
+    fs, root, results = _checkpoint_results(storage)
     names = sorted({r["checkpoint_dir_name"] for r in results}, reverse=True)  # names carry the time
     return [Checkpoint(path=f"{root}/{TRAIN_RUN}/{name}", filesystem=fs) for name in names]
+
+
+def latest_checkpoint_step(storage: str) -> int | None:
+    """The step the newest registered checkpoint was saved at (its report says), or None."""
+    _, _, results = _checkpoint_results(storage)
+    if not results:
+        return None
+    newest = max(results, key=lambda r: r["checkpoint_dir_name"])
+    step = (newest.get("metrics") or {}).get("step")
+    return step if isinstance(step, int) else None
 
 
 def write_checkpoint_state(d: Path, state: dict[str, Any]) -> None:

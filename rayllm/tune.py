@@ -357,8 +357,8 @@ def _trial_row(r: Any, space: dict[str, Any], metric: str, out: Path, taken: set
 
 
 def _export_best(cfg: RunConfig, rd: RunDir, out: Path, best: dict[str, Any], train: Any) -> str | None:
-    """Export the best trial's checkpoint: the train stage resumes that trial at its last step (no
-    training left) and exports, so tune needs no export code of its own."""
+    """Export the best trial's checkpoint: run at its last step, the train stage finds nothing left to
+    train and exports that checkpoint without starting workers, so tune needs no export code."""
     if best["checkpoint"] is None:
         return None
     folder = out / "trials" / best["trial_id"]

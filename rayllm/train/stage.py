@@ -13,9 +13,17 @@ from pathlib import Path
 from typing import Any
 
 from rayllm.config import RunConfig
-from rayllm.errors import ConfigError
+from rayllm.errors import ConfigError, RunDirError
 from rayllm.model.build import context_length, model_config
-from rayllm.rundir import METRICS, TENSORBOARD, TRAIN_RUN, Manifest, RunDir
+from rayllm.rundir import (
+    METRICS,
+    TENSORBOARD,
+    TRAIN_RUN,
+    Manifest,
+    RunDir,
+    latest_checkpoint_step,
+    read_checkpoint_state,
+)
 from rayllm.runtime import ray_session
 
 
@@ -108,6 +116,25 @@ def trainer(
     )
 
 
+def finished_checkpoint(rd: RunDir, max_steps: int) -> Any:
+    """The newest checkpoint when it already holds ``max_steps`` steps and is intact, else None.
+
+    Such a run has nothing left to train (a finished run started again, or tune exporting its best
+    trial): it is exported from the checkpoint here, without starting a worker group (half a minute
+    on a small machine). A corrupt one is left to the workers, which fall back to the one before.
+    """
+    step = latest_checkpoint_step(rd.storage)
+    if step is None or step < max_steps:
+        return None
+    ckpt = rd.latest_checkpoint()
+    try:
+        with ckpt.as_directory() as d:
+            read_checkpoint_state(Path(d))  # checks every file against its recorded sha256
+    except RunDirError:
+        return None
+    return ckpt
+
+
 def run(
     cfg: RunConfig, splits: dict[str, Any] | None = None, callbacks: list[Any] | None = None
 ) -> dict[str, Any]:
@@ -128,23 +155,26 @@ def run(
         for p in (out / METRICS, out / TENSORBOARD):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     t0 = time.time()
-    with ray_session(cfg.cluster, use_gpu=t.use_gpu):
-        result = trainer(cfg, out, splits, callbacks).fit()
+    ckpt, error = finished_checkpoint(rd, t.max_steps), None
+    if ckpt is None:
+        with ray_session(cfg.cluster, use_gpu=t.use_gpu):
+            result = trainer(cfg, out, splits, callbacks).fit()
+        ckpt, error = result.checkpoint, result.error
     seconds = time.time() - t0
     # Rows without a step: validation rows from runs before they named it (events carry theirs).
     rows = [r for r in rd.read_metrics("train") if "step" in r]
     summary = summarize(rows)
     plot_losses(rows, out / "loss.png")
     summary.update(seconds=round(seconds, 1), data_dir=str(rd.data.dir), checkpoint=None, export_dir=None)
-    if result.checkpoint is not None:
+    if ckpt is not None:
         # The latest checkpoint Ray registered; as_directory() downloads it when storage is remote.
-        summary["checkpoint"] = result.checkpoint.path
+        summary["checkpoint"] = ckpt.path
         if t.export:
-            with result.checkpoint.as_directory() as d:
+            with ckpt.as_directory() as d:
                 export = export_checkpoint(Path(d), rd.export_dir, rd.data.tokenizer_dir, cfg.public())
                 summary["export_dir"] = str(export)
-    if result.error:
-        raise result.error
+    if error:
+        raise error
     rd.write_summary("train", summary)
     return summary
 
