@@ -118,17 +118,15 @@ SWITCHES = [
 IDS = [f"{a}-{b}-zero{c}" for a, b, c in SWITCHES]
 
 
-@pytest.mark.parametrize(("loss", "optimizer", "zero"), SWITCHES, ids=IDS)
-def test_every_switch_combination_trains(one_rank_group, loss: str, optimizer: str, zero: int) -> None:
-    from rayllm.config import TrainConfig
+def _trains(lm, t) -> None:
+    """Ten optimizer steps of ``lm`` under ``parallelize(t)`` on a learnable batch: the loss drops,
+    and on CPU without train.deepspeed.compile nothing is compiled (DeepSpeed's Muon kernels
+    included: inductor would spend a minute on them for no faster steps)."""
+    from torch._dynamo.utils import counters
+
     from rayllm.train.parallel import parallelize
 
-    opt = {"name": optimizer.split("-")[0], "lr": 3e-3, "fused": optimizer.endswith("fused"), "muon_lr": 0.02}
-    t = TrainConfig(
-        workers=1, global_batch=8, micro_batch=4, max_steps=10, loss=loss, optimizer=opt,
-        schedule={"decay": "wsd", "warmup_steps": 2}, deepspeed={"zero_stage": zero},
-    )  # fmt: skip
-    lm = _tiny_lm()
+    graphs = counters["stats"]["unique_graphs"]
     engine, _ = parallelize(NextTokenLoss(lm, resolve_impl(t.loss, lm, torch.device("cpu"))), t, 1, False)
     data = torch.randint(0, 300, (8, 33), generator=torch.Generator().manual_seed(4))
     data[:, 16:] = data[:, :16].flip(1).repeat(1, 2)[:, :17]  # something learnable
@@ -144,6 +142,32 @@ def test_every_switch_combination_trains(one_rank_group, loss: str, optimizer: s
         losses.append(total)
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0] - 0.3, losses
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+@pytest.mark.parametrize(("loss", "optimizer", "zero"), SWITCHES, ids=IDS)
+def test_every_switch_combination_trains(one_rank_group, loss: str, optimizer: str, zero: int) -> None:
+    from rayllm.config import TrainConfig
+
+    opt = {"name": optimizer.split("-")[0], "lr": 3e-3, "fused": optimizer.endswith("fused"), "muon_lr": 0.02}
+    t = TrainConfig(
+        workers=1, global_batch=8, micro_batch=4, max_steps=10, loss=loss, optimizer=opt,
+        schedule={"decay": "wsd", "warmup_steps": 2}, deepspeed={"zero_stage": zero},
+    )  # fmt: skip
+    _trains(_tiny_lm(), t)
+
+
+def test_config_defined_llama_trains(one_rank_group) -> None:
+    """``model.family: llama`` (RMSNorm, RoPE, SwiGLU, grouped-query attention) from the config."""
+    from rayllm.config import ModelConfig, TrainConfig
+    from rayllm.model.build import build_model, model_config
+
+    m = ModelConfig(family="llama", n_layer=2, n_head=2, n_kv_head=1, d_model=32, max_positions=64)
+    hf = model_config(m, 300, 0, 1)
+    assert (hf.model_type, hf.num_key_value_heads, hf.vocab_size) == ("llama", 1, 320)
+    torch.manual_seed(0)
+    t = TrainConfig(workers=1, global_batch=8, micro_batch=4, max_steps=10, optimizer={"lr": 3e-3})
+    _trains(build_model(m, hf), t)
 
 
 def test_micro_batch_auto_takes_the_largest_that_fits() -> None:

@@ -118,7 +118,12 @@ def parallelize(
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
             config=deepspeed_config(t, world, load_universal, sum(p.numel() for p in objective.parameters())),
         )
-    if t.deepspeed.compile if t.deepspeed.compile is not None else t.use_gpu:
+    compile = t.deepspeed.compile if t.deepspeed.compile is not None else t.use_gpu
+    # DeepSpeed's Muon wraps its Newton-Schulz kernels in torch.compile. On CPU, inductor spends
+    # 20-80 s per worker on them at the first step and the steps run no faster than eager, so there
+    # torch.compile directives run eagerly unless train.deepspeed.compile asks for compiling.
+    torch.compiler.set_stance("default" if compile or t.use_gpu else "force_eager")
+    if compile:
         compile_model(engine, objective, t.deepspeed.zero_stage)
     return engine, scheduler
 
