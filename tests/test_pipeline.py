@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 from conftest import tiny_config
 from ray_head import free_port
@@ -87,6 +88,29 @@ def test_demo_then_run_skips_reruns_and_resumes(ray_cluster, tiny_corpus, tmp_pa
     assert RunDir.of(cfg).run_state()["eval"]["status"] == "done"
 
 
+def test_the_plan_trains_the_best_trial_and_a_longer_train_keeps_the_search(tiny_corpus, tmp_path):
+    """What `rayllm run` fingerprints with a search in the chain (no Ray needed): train and eval run
+    the best trial's settings, prep and tune the config as given; another best re-runs train, not
+    the search; a longer final train re-runs train (resuming: same identity) and eval only."""
+    from rayllm.pipeline import plan
+    from rayllm.tune import best_config
+
+    def planned(lr: float, **sections) -> dict:
+        cfg = tiny_config(tmp_path, tiny_corpus, tune__space={"train.optimizer.lr": [3e-5, 3e-3]}, **sections)
+        return plan(cfg, best_config(cfg, {"train.optimizer.lr": lr}))
+
+    base = planned(3e-3)
+    other = planned(3e-5)
+    lr = {s: other[s]["inputs"]["config"]["train"]["optimizer"]["lr"] for s in ("tune", "train")}
+    assert lr == {"tune": 3e-3, "train": 3e-5}  # the search runs tiny_config's lr, train the best
+    assert [other[s] == base[s] for s in ("prep", "tune", "train", "eval")] == [True, True, False, False]
+    longer = planned(3e-3, train__max_steps=24)
+    assert [longer[s] == base[s] for s in ("prep", "tune", "train", "eval")] == [True, True, False, False]
+    assert longer["train"]["identity"] == base["train"]["identity"]
+    assert other["train"]["identity"] != base["train"]["identity"]  # another lr starts train afresh
+
+
+@pytest.mark.slow  # tune, train and eval in CLI processes; the plan above and test_tune cover its parts
 def test_run_with_a_tune_grid_hands_the_best_trial_to_train(ray_cluster, tiny_corpus, tmp_path):
     """prep -> tune (a 2-point grid) -> train with the best lr -> eval, as one CLI command; a longer
     final train re-runs train and eval but neither prep nor the search."""
