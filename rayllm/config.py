@@ -261,7 +261,8 @@ class DeepSpeedConfig(Strict):
     compile: bool | None = Field(
         None,
         description="torch.compile each transformer block on its own (regional: short start-up), or the "
-        "whole engine under ZeRO-3; default on with GPUs",
+        "whole engine under ZeRO-3; default on with GPUs; off on CPU also runs DeepSpeed's own compiled "
+        "kernels (Muon's) eagerly",
     )
     overlap_comm: bool | None = Field(
         None, description="overlap gradient reduction with the backward pass; default on with GPUs"
