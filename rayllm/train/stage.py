@@ -121,15 +121,19 @@ def finished_checkpoint(rd: RunDir, max_steps: int) -> Any:
 
     Such a run has nothing left to train (a finished run started again, or tune exporting its best
     trial): it is exported from the checkpoint here, without starting a worker group (half a minute
-    on a small machine). A corrupt one is left to the workers, which fall back to the one before.
+    on a small machine). A corrupt one is left to the workers, which fall back to the one before;
+    so is one in remote storage, where checking it here would mean downloading it twice.
     """
+    import pyarrow.fs
+
     step = latest_checkpoint_step(rd.storage)
     if step is None or step < max_steps:
         return None
     ckpt = rd.latest_checkpoint()
+    if not isinstance(ckpt.filesystem, pyarrow.fs.LocalFileSystem):
+        return None
     try:
-        with ckpt.as_directory() as d:
-            read_checkpoint_state(Path(d))  # checks every file against its recorded sha256
+        read_checkpoint_state(Path(ckpt.path))  # checks every file against its recorded sha256
     except RunDirError:
         return None
     return ckpt
