@@ -120,7 +120,7 @@ def parallelize(
         )
     compile = t.deepspeed.compile if t.deepspeed.compile is not None else t.use_gpu
     # DeepSpeed's Muon wraps its Newton-Schulz kernels in torch.compile. On CPU, inductor spends
-    # 20-80 s per worker on them at the first step and the steps run no faster than eager, so there
+    # 18-76 s per worker on them at the first step and the steps run no faster than eager, so there
     # torch.compile directives run eagerly unless train.deepspeed.compile asks for compiling.
     torch.compiler.set_stance("default" if compile or t.use_gpu else "force_eager")
     if compile:
