@@ -1,10 +1,11 @@
 """Ray Tune with ASHA against the full grid, over the same space, on the demo model.
 
 Space: optimizer in {sgd, adam, adamw} x learning rate in {3e-4, 1e-3, 3e-3, 1e-2}, 12 trials of up
-to ``--steps`` steps each, one trial at a time. The grid runs every trial to the end (FIFO); ASHA
-stops weak trials at its rungs. Both run the grid in rayllm's default seeded shuffled order; ASHA
-runs once per order (``--orders``: tune.seed 0, 1, ...), since how much it can stop depends on which
-trials reach a rung first. The grid's cost does not depend on the order.
+to ``--steps`` steps each, one leg at a time. The grid runs every trial to the end (FIFO); ASHA
+trains every trial to its first rung (25 steps) and promotes the best third of a rung to the next
+(75, then 150), resuming each from its checkpoint. Both take the grid in rayllm's default seeded
+shuffled order; ASHA runs once per order (``--orders``: tune.seed 0, 1, ...), since which trials it
+promotes early depends on the order they arrive in. The grid's cost does not depend on the order.
 
 Compute is counted in trial-steps. A search delivers its answer (its best trial) when it ends, so
 the compute it needs to get within 2% of the grid's best validation loss is all its trial-steps, and

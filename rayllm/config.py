@@ -341,6 +341,11 @@ class TrainConfig(Strict):
     max_steps: PositiveInt = Field(
         300, description="optimizer steps of the run (a resumed run continues to it)"
     )
+    stop_at: PositiveInt | None = Field(
+        None,
+        description="end this launch at this step, with a checkpoint, short of max_steps and on its "
+        "learning-rate schedule (tune trains a trial rung by rung so); null: at max_steps",
+    )
     global_batch: PositiveInt = Field(16, description="sequences per optimizer step, all workers")
     micro_batch: PositiveInt | Literal["auto"] = Field(
         8,
@@ -391,6 +396,17 @@ class TrainConfig(Strict):
         if isinstance(v, tuple) and v[0] > v[1]:
             raise ValueError(f"elastic range [min, max] needs min <= max, got [{v[0]}, {v[1]}]")
         return v
+
+    @model_validator(mode="after")
+    def _stop_within_run(self) -> TrainConfig:
+        if self.stop_at is not None and self.stop_at > self.max_steps:
+            raise ValueError(f"stop_at={self.stop_at} is past the run's max_steps={self.max_steps}")
+        return self
+
+    @property
+    def end_step(self) -> int:
+        """The step this launch ends at: ``stop_at``, else ``max_steps``."""
+        return self.stop_at or self.max_steps
 
     @model_validator(mode="after")
     def _lora_with_one_optimizer(self) -> TrainConfig:
@@ -444,7 +460,9 @@ class TuneConfig(Strict):
         description="trials (each grid point this many times); default 1 for a space of only lists, else 8",
     )
     scheduler: Literal["asha", "fifo"] = Field(
-        "asha", description="asha stops weak trials early; fifo runs every trial to max_steps"
+        "asha",
+        description="asha: every trial trains to the first rung, and the best 1/reduction_factor of a "
+        "rung go on to the next (ASHA's promotions, Li et al. 2020); fifo: every trial to max_steps",
     )
     metric: Literal["val_loss", "val_perplexity", "val_accuracy", "train_loss"] = Field(
         "val_loss", description="what trials are ranked by: the last value each trial reported"
@@ -455,12 +473,12 @@ class TuneConfig(Strict):
     max_steps: PositiveInt = Field(100, description="train.max_steps of each trial")
     grace_period: PositiveInt | None = Field(
         None,
-        description="asha: steps every trial runs before it can be stopped (the first rung); default: "
+        description="asha: steps every trial runs before it can be left behind (the first rung); default: "
         "the trials' warmup_steps, at least max_steps / reduction_factor^2 (a trial still warming up "
         "is judged by how fast its learning rate ramps, not by where it is going)",
     )
     reduction_factor: Annotated[int, Field(ge=2)] = Field(
-        3, description="asha: keep 1 of this many trials at each rung; rungs are this factor apart"
+        3, description="asha: promote 1 of this many trials at each rung; rungs are this factor apart"
     )
     max_concurrent: PositiveInt | None = Field(
         None, description="trials running at once; default: as many as the cluster's CPUs (GPUs) hold"

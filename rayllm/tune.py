@@ -1,20 +1,23 @@
-"""tune stage (Ray Tune): search training settings against validation metrics, stop weak trials early.
+"""tune stage (Ray Tune): search training settings against validation metrics, promote the best.
 
-Each trial is a function trainable that runs the train stage (found in the stage table, so tune does
-not import train) into its own run folder ``tune/trials/<id>/``, on packed data materialized once for
-all trials, with ``TuneReportCallback`` forwarding the workers' validation reports so that ASHA can
-stop weak trials early (Train V2 does not accept ``Tuner(trainable=trainer)``).
+Every trial is a train run of its own (the train stage, found in the stage table, so tune does not
+import train) in ``tune/trials/<trial>/``, on packed data materialized once for all trials.
 
 - Space: a plain list is every value (a grid, run in a seeded shuffled order); ``{choice: [...]}``
   and the ranges are sampled; ``tune.search: optuna`` proposes points with Optuna's TPE instead.
-- ASHA: rungs ``reduction_factor`` apart from ``grace_period`` (default: the warmup), and every
-  trial validates at each rung, so that a rung is judged on fresh figures whatever ``eval_every``.
-- Concurrency: as many trials as the cluster's CPUs (GPUs) hold, unless ``tune.max_concurrent``.
-- An interrupted search resumes (Ray Tune's restore) without re-running finished trials, as long
-  as the search it was running is the same one.
+- ASHA as its paper states it (Li et al. 2020, Algorithm 2): every trial trains to the first rung,
+  and whenever a trial is among the best ``1/reduction_factor`` of a rung's results it is promoted to
+  the next rung, before any new trial starts. Each Ray Tune trial is one leg of a trial, from one
+  rung to the next; the leg resumes the trial's own checkpoint and stops at the rung
+  (``train.stop_at``) on the learning-rate schedule of ``tune.max_steps``. Ray's ``ASHAScheduler``
+  stops trials instead, and a trial that reaches a rung first has nothing to be compared with: on
+  the benchmark's grid it spent 1.3 times the compute of promotions for the same answer.
+- Concurrency: as many legs as the cluster's CPUs (GPUs) hold, unless ``tune.max_concurrent``.
+- An interrupted search resumes (Ray Tune's restore, the searcher's rungs included) without
+  re-running finished legs, as long as the search it was running is the same one.
 - Results: a table sorted by the metric, ``tune/curves.png`` (every trial's validation curve; trials
-  stopped early end in a cross), ``tune/best.yaml`` (``rayllm train -c tune/best.yaml`` runs it as is)
-  and the best trial's checkpoint exported to a Hugging Face folder.
+  left at a rung end in a cross), ``tune/best.yaml`` (``rayllm train -c tune/best.yaml`` runs it as
+  is) and the best trial's checkpoint exported to a Hugging Face folder.
 """
 
 from __future__ import annotations
@@ -22,13 +25,16 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import pickle
 import random
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import yaml
+from ray.tune.search import Searcher
 from rich.console import Console
 from rich.table import Table
 
@@ -114,27 +120,28 @@ def grace_period(cfg: RunConfig) -> int:
 
 
 def rungs(cfg: RunConfig) -> list[int]:
-    """ASHA's rungs, as Ray's ASHAScheduler lays them out: grace * rf**k up to ``tune.max_steps``."""
-    tc = cfg.tune
-    out = [grace_period(cfg)]
-    while out[-1] * tc.reduction_factor <= tc.max_steps:
-        out.append(out[-1] * tc.reduction_factor)
-    return out
+    """The steps a trial is judged at: grace * rf**k below ``tune.max_steps``, then ``max_steps``.
 
-
-def trial_config(base: RunConfig, params: dict[str, Any]) -> RunConfig:
-    """One trial's train run: its settings for ``tune.max_steps``, validating at each of ASHA's rungs.
-
-    A trial reports only when it validates, and ASHA judges a rung by the first report at or past
-    it: without a validation there, a rung before the first ``eval_every`` could stop nothing.
+    With ``fifo`` there is one: every trial trains to ``max_steps`` in one leg.
     """
+    tc = cfg.tune
+    if tc.scheduler == "fifo":
+        return [tc.max_steps]
+    out = [grace_period(cfg)]
+    while out[-1] * tc.reduction_factor < tc.max_steps:
+        out.append(out[-1] * tc.reduction_factor)
+    return sorted({*out, tc.max_steps})
+
+
+def trial_config(base: RunConfig, params: dict[str, Any], stop_at: int | None = None) -> RunConfig:
+    """One trial's train run: its settings, on the schedule of ``tune.max_steps``, validating at
+    every rung, and (for one leg) stopping at ``stop_at``."""
     tc = base.tune
-    eval_at = base.train.eval_at
-    if tc.scheduler == "asha":
-        eval_at = sorted({*eval_at, *(r for r in rungs(base) if r < tc.max_steps)})
+    eval_at = sorted({*base.train.eval_at, *(r for r in rungs(base) if r < tc.max_steps)})
     sets = [
         *_overrides(params),
         f"train.max_steps={tc.max_steps}",
+        f"train.stop_at={json.dumps(stop_at)}",
         f"train.eval_at={json.dumps(eval_at)}",
         "train.export=false",
         "train.storage=null",
@@ -174,6 +181,152 @@ def max_concurrent(cfg: RunConfig) -> int:
     return max(1, fits)
 
 
+def grid_trials(cfg: RunConfig) -> list[dict[str, Any]]:
+    """Every trial of a random search, in order: the grid's points (shuffled by ``tune.seed``),
+    ``num_samples`` times, with the sampled fields drawn by Ray Tune's variant generator."""
+    import numpy as np
+    from ray.tune.search.variant_generator import generate_variants
+
+    tc = cfg.tune
+    space = search_space(tc.space, tc.search, tc.grid_order, tc.seed)
+    rng = np.random.RandomState(tc.seed)
+    return [
+        trial_params(config, tc.space)
+        for _ in range(num_samples(cfg))
+        for _, config in generate_variants(space, random_state=rng)
+    ]
+
+
+TRIAL, STOP_AT = "trial", "stop_at"  # a leg's keys in its Tune config, beside the searched fields
+
+
+class Promotions(Searcher):
+    """ASHA (Li et al. 2020, Algorithm 2) as a Ray Tune searcher whose every Tune trial is a leg.
+
+    A leg trains one trial from its rung to the next. Asked for a leg, it promotes the first trial,
+    from the top rung down, that is among the best ``1/reduction_factor`` of its rung's results and
+    not promoted yet; else it starts a new trial (the next grid point, or one Optuna proposes, told
+    of each trial's first-rung result); else it waits for running legs. When none is left, and no
+    trial has reached the last rung (few trials), the best of the highest rung reached goes on, so
+    that the search always hands on a trial trained for ``tune.max_steps``.
+    """
+
+    def __init__(
+        self,
+        rungs: list[int],
+        reduction_factor: int,
+        metric: str,
+        mode: str,
+        trials: list[dict[str, Any]] | None = None,
+        sampler: Searcher | None = None,
+        samples: int = 0,
+    ) -> None:
+        super().__init__(metric=metric, mode=mode)
+        self.rungs, self.rf = rungs, reduction_factor
+        self._queue = list(trials or [])  # the trials not started yet (random search)
+        self._sampler, self._samples = sampler, samples  # or Optuna, for this many trials
+        self.params: list[dict[str, Any]] = []  # trial i's settings
+        self.results: list[dict[int, float]] = [{} for _ in rungs]  # rung -> trial -> metric
+        self.promoted: list[set[int]] = [set() for _ in rungs]
+        self.failed: set[int] = set()
+        self.live: dict[str, tuple[int, int]] = {}  # Tune trial id of a leg -> (trial, rung)
+        self._most = (len(self._queue) if trials else samples) * len(rungs)
+
+    def max_legs(self) -> int:
+        """At most every trial to every rung: Tune's ``num_samples`` (the searcher ends sooner)."""
+        return self._most
+
+    @staticmethod
+    def name(trial: int) -> str:
+        return f"trial_{trial:03d}"
+
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
+        return True  # built with its metric, mode and trials
+
+    def _ranked(self, rung: int) -> list[int]:
+        values = self.results[rung]
+        return sorted(values, key=lambda i: values[i] if self.mode == "min" else -values[i])
+
+    def _promotion(self) -> tuple[int, int] | None:
+        for k in reversed(range(len(self.rungs) - 1)):
+            ranked = self._ranked(k)
+            for i in ranked[: len(ranked) // self.rf]:
+                if i not in self.promoted[k]:
+                    return i, k + 1
+        return None
+
+    def _new_trial(self) -> tuple[int, int] | None:
+        i = len(self.params)
+        if self._sampler is not None:
+            if i >= self._samples:
+                return None
+            config = self._sampler.suggest(self.name(i))
+            if not isinstance(config, dict):
+                return None
+            self.params.append(config)
+        elif self._queue:
+            self.params.append(self._queue.pop(0))
+        else:
+            return None
+        return i, 0
+
+    def _last_promotion(self) -> tuple[int, int] | None:
+        if self.results[-1]:
+            return None
+        for k in reversed(range(len(self.rungs) - 1)):
+            waiting = [i for i in self._ranked(k) if i not in self.promoted[k]]
+            if waiting:
+                return waiting[0], k + 1
+        return None
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        job, why = self._promotion(), "among the best 1/{rf} of the {n} there"
+        if job is None:
+            job = self._new_trial()
+        if job is None and not self.live:
+            job, why = self._last_promotion(), "the best not promoted, so that a trial reaches the end"
+        if job is None:
+            return None if self.live else Searcher.FINISHED
+        i, k = job
+        if k:
+            self.promoted[k - 1].add(i)
+            was = self.results[k - 1]
+            _say(
+                f"{self.name(i)} promoted to step {self.rungs[k]}: {self.metric} {was[i]:.4f} at step "
+                f"{self.rungs[k - 1]} is {why.format(rf=self.rf, n=len(was))}"
+            )
+        self.live[trial_id] = (i, k)
+        return {**self.params[i], TRIAL: self.name(i), STOP_AT: self.rungs[k]}
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id not in self.live:
+            return
+        i, k = self.live.pop(trial_id)
+        value = (result or {}).get(self.metric)
+        failed = error or value is None
+        if failed:
+            self.failed.add(i)
+            _say(f"{self.name(i)} failed on its way to step {self.rungs[k]}; it is left out")
+        else:
+            self.results[k][i] = value
+            _say(f"{self.name(i)} reached step {self.rungs[k]}: {self.metric} {value:.4f}")
+        if k == 0 and self._sampler is not None:  # Optuna learns from first-rung results
+            self._sampler.on_trial_complete(self.name(i), None if failed else {self.metric: value}, failed)
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.__dict__, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.__dict__.update(pickle.load(f))
+
+
+def _say(line: str) -> None:
+    """A progress line on the driver's stderr (Tune itself runs quiet)."""
+    print(f"tune: {line}", file=sys.stderr, flush=True)
+
+
 def _check_space(cfg: RunConfig) -> None:
     """Every searched key must be a real config field: try the first value of each before Ray starts."""
     if not cfg.tune.space:
@@ -194,14 +347,27 @@ def _search_key(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
     return {**stages.get("tune").config_fields(cfg.dump()), "data": data}
 
 
+def _searcher(cfg: RunConfig) -> Promotions:
+    tc = cfg.tune
+    metric = REPORTED_AS.get(tc.metric, tc.metric)
+    steps = rungs(cfg)
+    if tc.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        space = search_space(tc.space, tc.search, tc.grid_order, tc.seed)
+        sampler = OptunaSearch(space=space, metric=metric, mode=tc.mode, seed=tc.seed)
+        return Promotions(
+            steps, tc.reduction_factor, metric, tc.mode, sampler=sampler, samples=num_samples(cfg)
+        )
+    return Promotions(steps, tc.reduction_factor, metric, tc.mode, trials=grid_trials(cfg))
+
+
 def run(cfg: RunConfig) -> dict[str, Any]:
     """Run (or resume) the search; writes ``tune/summary.json``, ``best.yaml`` and ``curves.png``."""
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     tc = cfg.tune
-    space = search_space(tc.space, tc.search, tc.grid_order, tc.seed)
+    search_space(tc.space, tc.search, tc.grid_order, tc.seed)  # a bad space fails here, in one line
     _check_space(cfg)
     if tc.search == "optuna":
         try:
@@ -220,66 +386,53 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         shutil.rmtree(out / "ray", ignore_errors=True)
         shutil.rmtree(out / "trials", ignore_errors=True)
         write_json(saved_key, key)
+    metric = REPORTED_AS.get(tc.metric, tc.metric)
 
-    def trial(config: dict[str, Any], splits: dict[str, Any] | None) -> None:
-        # Each trial is a run of its own whose packed data is this run's.
-        params = trial_params(config, tc.space)
-        trial_dir = out / "trials" / tune.get_context().get_trial_id()
-        trial_dir.mkdir(parents=True, exist_ok=True)
-        write_json(trial_dir / "trial.json", {"started": time.time(), "params": params})
+    def leg(config: dict[str, Any], splits: dict[str, Any] | None) -> None:
+        # One leg of a trial: its own run folder, resumed from its checkpoint, up to the next rung.
+        params = {k: config[k] for k in tc.space}
+        folder = out / "trials" / config[TRIAL]
+        folder.mkdir(parents=True, exist_ok=True)
+        if not (folder / "trial.json").is_file():  # the first leg's start: where first_step_s counts from
+            write_json(folder / "trial.json", {"started": time.time(), "params": params})
         trial_cfg = trial_config(
-            cfg, {**params, "run_dir": str(trial_dir), "train.data_dir": str(rd.data.dir)}
+            cfg, {**params, "run_dir": str(folder), "train.data_dir": str(rd.data.dir)}, config[STOP_AT]
         )
-        train(trial_cfg, splits=splits, callbacks=[TuneReportCallback()])
+        train(trial_cfg, splits=splits)
+        at_rung = [r for r in _trial_metrics(folder) if r.get("step") == config[STOP_AT] and metric in r]
+        if not at_rung:
+            raise RuntimeError(f"{folder}: no {metric} logged at step {config[STOP_AT]}")
+        tune.report({metric: at_rung[-1][metric], "step": config[STOP_AT]})
 
-    scheduler = (
-        ASHAScheduler(
-            time_attr="step",
-            max_t=tc.max_steps,
-            grace_period=grace_period(cfg),
-            reduction_factor=tc.reduction_factor,
-        )
-        if tc.scheduler == "asha"
-        else FIFOScheduler()
-    )
     t0 = time.time()
     with ray_session(cfg.cluster, use_gpu=cfg.train.use_gpu):
         # Read and materialized once: every trial's workers then start from the object store.
         small = all(manifest.split_gb(s) < cfg.train.cache_data_gb for s in SPLITS)
         splits = {s: rd.data.read(s).materialize() for s in SPLITS} if small else None
-        # The trial function only drives a TorchTrainer: its workers hold the real resources.
-        trainable = tune.with_resources(tune.with_parameters(trial, splits=splits), {"CPU": 0.01})
+        # The leg function only drives a TorchTrainer: its workers hold the real resources.
+        trainable = tune.with_resources(tune.with_parameters(leg, splits=splits), {"CPU": 0.01})
         concurrent = max_concurrent(cfg)
         if same_search and tune.Tuner.can_restore(str(experiment)):
-            tuner = tune.Tuner.restore(
-                str(experiment), trainable, resume_unfinished=True, resume_errored=True
-            )
+            # A leg that failed stays failed: its trial was left out of the rungs it would have joined.
+            tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True)
         else:
-            if tc.search == "optuna":
-                from ray.tune.search.optuna import OptunaSearch
-
-                search_alg = OptunaSearch(seed=tc.seed)
-            else:
-                from ray.tune.search import BasicVariantGenerator
-
-                # Tune's default generator, seeded; it takes the concurrency limit itself.
-                search_alg = BasicVariantGenerator(max_concurrent=concurrent, random_state=tc.seed)
+            searcher = _searcher(cfg)
             tuner = tune.Tuner(
                 trainable,
-                param_space=space,
                 tune_config=tune.TuneConfig(
-                    metric=REPORTED_AS.get(tc.metric, tc.metric),
+                    metric=metric,
                     mode=tc.mode,
-                    num_samples=num_samples(cfg),
-                    scheduler=scheduler,
-                    search_alg=search_alg,
-                    max_concurrent_trials=concurrent if tc.search == "optuna" else None,
+                    num_samples=searcher.max_legs(),
+                    search_alg=searcher,
+                    max_concurrent_trials=concurrent,
                 ),
                 run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out / "ray"), verbose=0),
             )
         results = tuner.fit()
-        taken: set[str] = set()
-        trials = [_trial_row(r, tc.space, tc.metric, out, taken) for r in results]
+        errors = {
+            r.config[TRIAL]: str(r.error).splitlines()[0] for r in results if r.error and r.config
+        }  # fmt: skip
+        trials = [_trial_row(folder, tc.metric, errors) for folder in sorted((out / "trials").glob("*"))]
         scored = [t for t in trials if t[tc.metric] is not None]
         if not scored:
             # The same mistake usually fails every trial: a user error says what to fix in one line.
@@ -301,6 +454,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     first_steps = [t["first_step_s"] for t in trials if t["first_step_s"] is not None]
     summary = {
         "trials": len(trials),
+        "legs": len(results),
         "trials_stopped_early": sum(1 for t in scored if (t["steps"] or 0) < tc.max_steps),
         "trial_steps": sum(t["steps"] or 0 for t in trials),
         "metric": tc.metric,
@@ -313,7 +467,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         "best_export": export,
         "first_step_seconds_mean": round(sum(first_steps) / len(first_steps), 1) if first_steps else None,
         "max_concurrent": concurrent,
-        "rungs": rungs(cfg) if tc.scheduler == "asha" else [],
+        "rungs": rungs(cfg),
         "curves": str(out / "curves.png"),
         "seconds": round(time.time() - t0, 1),
         "all": trials,
@@ -327,44 +481,36 @@ def _trial_metrics(folder: Path) -> list[dict[str, Any]]:
     return RunDir.of(RunConfig(run_dir=str(folder))).read_metrics("train")
 
 
-def _trial_row(r: Any, space: dict[str, Any], metric: str, out: Path, taken: set[str]) -> dict[str, Any]:
-    """One trial as a plain record, from its result and its own run folder (``tune/trials/<id>``)."""
-    params = trial_params(r.config, space)
-    folder = out / "trials" / str((r.metrics or {}).get("trial_id"))
-    if not folder.is_dir():  # a trial that failed before reporting: its folder by its parameters
-        candidates = [
-            p for p in sorted((out / "trials").glob("*"))
-            if p.name not in taken and json.loads((p / "trial.json").read_text())["params"] == params
-        ]  # fmt: skip
-        folder = candidates[0] if candidates else None
-    if folder is not None:
-        taken.add(folder.name)
-    rows = _trial_metrics(folder) if folder else []
-    started = json.loads((folder / "trial.json").read_text())["started"] if folder else None
+def _trial_row(folder: Path, metric: str, errors: dict[str, str]) -> dict[str, Any]:
+    """One trial as a plain record, from its own run folder (``tune/trials/<trial>``)."""
+    meta = json.loads((folder / "trial.json").read_text())
+    rows = _trial_metrics(folder)
     first = next((x["time"] for x in rows if x.get("step") == 1 and "loss" in x), None)
     key = REPORTED_AS.get(metric, metric)
     scored = [x for x in rows if key in x and "step" in x]
-    ckpt = RunDir.of(RunConfig(run_dir=str(folder))).latest_checkpoint() if folder else None
+    ckpt = RunDir.of(RunConfig(run_dir=str(folder))).latest_checkpoint()
     return {
-        "trial_id": folder.name if folder else None,
-        "params": params,
+        "trial_id": folder.name,
+        "params": meta["params"],
         "steps": scored[-1]["step"] if scored else None,
         metric: scored[-1][key] if scored else None,
-        "first_step_s": round(first - started, 1) if first and started else None,
+        "first_step_s": round(first - meta["started"], 1) if first else None,
         "checkpoint": ckpt.path if ckpt else None,
-        "error": str(r.error).splitlines()[0] if r.error else None,
+        "error": errors.get(folder.name),
     }
 
 
 def _export_best(cfg: RunConfig, rd: RunDir, out: Path, best: dict[str, Any], train: Any) -> str | None:
-    """Export the best trial's checkpoint: run at its last step, the train stage finds nothing left to
+    """Export the best trial's checkpoint: run to its last step, the train stage finds nothing left to
     train and exports that checkpoint without starting workers, so tune needs no export code."""
     if best["checkpoint"] is None:
         return None
     folder = out / "trials" / best["trial_id"]
     params = {**best["params"], "run_dir": str(folder), "train.data_dir": str(rd.data.dir)}
-    sets = ["train.export=true", f"train.max_steps={best['steps']}"]
-    trial_cfg = validate_config(apply_overrides(trial_config(cfg, params).dump(), sets), origin="tune export")
+    sets = ["train.export=true"]
+    trial_cfg = validate_config(
+        apply_overrides(trial_config(cfg, params, best["steps"]).dump(), sets), origin="tune export"
+    )
     return train(trial_cfg)["export_dir"]
 
 

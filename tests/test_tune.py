@@ -1,9 +1,10 @@
-"""tune: real Ray Tune trials, each a real DeepSpeed run: a grid under ASHA, interrupted and
-resumed, its best config reproduced by `rayllm train`."""
+"""tune: real Ray Tune legs, each a real DeepSpeed run: a grid under ASHA's promotions, interrupted
+and resumed, its best config reproduced by `rayllm train`; the promotion rule itself without Ray."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -24,21 +25,23 @@ def tune_cfg(prepped: RunConfig, run_dir: Path, space: dict, **tune) -> RunConfi
     raw["run_dir"] = str(run_dir)
     raw["train"]["data_dir"] = str(Path(prepped.run_dir) / "prep")
     # One worker per trial: trials are real DeepSpeed runs; 2-worker runs are train's tests.
-    # eval_every=4: ASHA's rungs (2, 6) are validated only because tune asks for them.
+    # eval_every=4: ASHA's first rung (2) is validated only because tune asks for it.
     raw["train"].update(eval_every=4, checkpoint_every=4, workers=1, micro_batch=8)
-    # 16 steps: a trial stopped at a rung is cut short, with room for the steps it runs on meanwhile.
     raw["tune"] = {"space": space, "max_steps": 16, "grace_period": 2, **tune}
     return RunConfig.model_validate(raw)
 
 
 def test_grid_asha_resume_and_best_config(ray_cluster, prepped, tmp_path):
-    """A plain list is a grid (2 trials, not 1 sample); ASHA stops the weak one early; a search killed
-    after its first finished trial resumes without re-running it; best.yaml reproduces the best trial."""
+    """A plain list is a grid (2 trials, not 1 sample); ASHA leaves the weak one at the first rung and
+    trains the best on, rung by rung, from its checkpoints; a search killed after its first leg resumes
+    without re-running it; best.yaml reproduces the best trial."""
     from rayllm.train.stage import run as train
 
-    # One trial at a time: the second meets ASHA's rungs with the first one's results there
-    # (tune.seed 0 keeps this grid's order: the weak 3e-5 meets 3e-3 at the rung).
-    cfg = tune_cfg(prepped, tmp_path, {"train.optimizer.lr": [3e-3, 3e-5]}, max_concurrent=1)
+    # One leg at a time (tune.seed 0 keeps this grid's order: 3e-3 first, then the weak 3e-5).
+    # Rungs 2 and 16 (reduction factor 8): three legs; tests above check promotions within a grid.
+    cfg = tune_cfg(
+        prepped, tmp_path, {"train.optimizer.lr": [3e-3, 3e-5]}, max_concurrent=1, reduction_factor=8
+    )
     config = tmp_path / "tune.yaml"
     config.write_text(yaml.safe_dump(cfg.public()))
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
@@ -46,7 +49,7 @@ def test_grid_asha_resume_and_best_config(ray_cluster, prepped, tmp_path):
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
 
-    def recorded_done() -> bool:  # Tune's own experiment state lists a trial as finished
+    def recorded_done() -> bool:  # Tune's own experiment state lists a leg as finished
         states = (tmp_path / "tune" / "ray").glob("*/experiment_state-*.json")
         return any("TERMINATED" in p.read_text() for p in states)
 
@@ -59,25 +62,33 @@ def test_grid_asha_resume_and_best_config(ray_cluster, prepped, tmp_path):
     proc.wait()
     first = finished[0].parent
 
-    def trained(folder: Path) -> list[str]:  # the rows of training steps (an export adds an event)
-        return [r for r in (folder / "metrics.jsonl").read_text().splitlines() if '"loss"' in r]
+    def trained(folder: Path) -> list[int]:  # the steps of training rows (an export adds an event)
+        return [
+            json.loads(r)["step"]
+            for r in (folder / "metrics.jsonl").read_text().splitlines()
+            if '"loss"' in r
+        ]
 
-    first_rows = trained(first)
+    first_steps = trained(first)
     first_trial = (first.parent / "trial.json").read_text()  # a trial started again rewrites it
+    assert first.parent.name == "trial_000" and first_steps[-1] == 2  # its first leg: to the first rung
 
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert trained(first) == first_rows  # restored as finished, not trained again
+    # Restored as finished: promoted later, it went on from its checkpoint, no step trained twice.
+    steps = trained(first)
+    assert steps[: len(first_steps)] == first_steps and steps == sorted(set(steps)) and steps[-1] == 16
     assert (first.parent / "trial.json").read_text() == first_trial
+    assert "trial_000 promoted to step 16" in done.stderr
     s = json.loads((tmp_path / "tune" / "summary.json").read_text())
-    assert s["trials"] == 2 and len({t["trial_id"] for t in s["all"]}) == 2
-    assert s["trials_stopped_early"] >= 1 and s["rungs"] == [2, 6]
+    assert s["trials"] == 2 and [t["trial_id"] for t in s["all"]] == ["trial_000", "trial_001"]
+    assert s["trials_stopped_early"] == 1 and s["rungs"] == [2, 16] and s["legs"] == 3
     for t in s["all"]:  # every trial validated at each rung it reached, off its eval_every
         trial_run = RunConfig(run_dir=str(tmp_path / "tune" / "trials" / t["trial_id"]))
         rows = RunDir.of(trial_run).read_metrics("train")
         validated = [r["step"] for r in rows if "val_loss" in r]
-        assert validated == [v for v in (0, 2, 4, 6, 8, 12, 16) if v <= t["steps"]], t
-    assert s["trial_steps"] < 2 * 16 and s["best_steps"] == 16
+        assert validated == [v for v in (0, 2, 4, 8, 12, 16) if v <= t["steps"]], t
+    assert s["trial_steps"] == 2 + 16 and s["best_steps"] == 16  # the grid: 2 x 16
     assert all(t["first_step_s"] is not None and t["first_step_s"] > 0 for t in s["all"])
     assert s["best_params"] == {"train.optimizer.lr": 3e-3}
     assert "tune trials by val_loss" in done.stderr  # the table, sorted by the metric
@@ -137,10 +148,8 @@ def test_lists_are_grids_and_optuna_samples_them():
     assert num_samples(only_grid) == 1 and num_samples(sampled) == 8
 
 
-def test_asha_rungs_are_rays_and_every_trial_validates_at_them():
-    """The rungs are where Ray's ASHA judges; a trial validates at each, whatever its eval_every."""
-    from ray.tune.schedulers import ASHAScheduler
-
+def test_rungs_and_every_trial_validates_at_them():
+    """Rungs are grace * rf**k below max_steps, then max_steps; a trial validates at each."""
     from rayllm.tune import grace_period, rungs, trial_config
 
     def cfg(warmup: int = 30, **tune) -> RunConfig:
@@ -151,23 +160,113 @@ def test_asha_rungs_are_rays_and_every_trial_validates_at_them():
         return RunConfig.model_validate(raw)
 
     # Default grace: the warmup, at least max_steps / rf^2; rf defaults to 3.
-    assert grace_period(cfg(max_steps=150)) == 30 and rungs(cfg(max_steps=150)) == [30, 90]
-    assert grace_period(cfg(0, max_steps=100)) == 11 and rungs(cfg(0, max_steps=100)) == [11, 33, 99]
-    assert grace_period(cfg(500, max_steps=100)) == 100
-    for c in (
-        cfg(max_steps=150),
-        cfg(0, max_steps=100),
-        cfg(max_steps=81, grace_period=1),
-        cfg(max_steps=64, grace_period=2, reduction_factor=2),
-    ):
-        ray_rungs = ASHAScheduler(
-            time_attr="step", max_t=c.tune.max_steps, grace_period=grace_period(c),
-            reduction_factor=c.tune.reduction_factor,
-        )._brackets[0]._rungs  # fmt: skip
-        assert rungs(c) == sorted(milestone for milestone, _ in ray_rungs)
+    assert grace_period(cfg(max_steps=150)) == 30 and rungs(cfg(max_steps=150)) == [30, 90, 150]
+    assert grace_period(cfg(0, max_steps=100)) == 11 and rungs(cfg(0, max_steps=100)) == [11, 33, 99, 100]
+    assert grace_period(cfg(500, max_steps=100)) == 100 and rungs(cfg(500, max_steps=100)) == [100]
+    assert rungs(cfg(max_steps=81, grace_period=1)) == [1, 3, 9, 27, 81]
+    assert rungs(cfg(max_steps=64, grace_period=2, reduction_factor=2)) == [2, 4, 8, 16, 32, 64]
+    assert rungs(cfg(max_steps=150, scheduler="fifo")) == [150]  # one leg: every trial to the end
     # A trial validates at every rung before its last step (which always validates), plus its own.
     assert trial_config(cfg(0, max_steps=100), {}).train.eval_at == [7, 11, 33, 99]
     assert trial_config(cfg(max_steps=81, grace_period=1), {}).train.eval_at == [1, 3, 7, 9, 27]
     assert trial_config(cfg(0, max_steps=100, scheduler="fifo"), {}).train.eval_at == [7]
+    # A leg stops at its rung on the schedule of the whole trial.
+    leg = trial_config(cfg(0, max_steps=100), {"train.optimizer.lr": 1e-3}, stop_at=33).train
+    assert (leg.max_steps, leg.stop_at, leg.end_step, leg.optimizer.lr) == (100, 33, 33, 1e-3)
     with pytest.raises(ValueError, match="grace_period=200 is longer than a trial"):
         cfg(max_steps=100, grace_period=200)
+    with pytest.raises(ValueError, match="stop_at=120 is past the run's max_steps=100"):
+        RunConfig.model_validate({"train": {"max_steps": 100, "stop_at": 120}})
+
+
+def _search(searcher, loss, legs: list | None = None) -> dict[str, int]:
+    """Drive a searcher as Tune does with one leg at a time; ``loss(params, step)`` scores a leg.
+    Returns each trial's last step; ``legs`` collects (trial, step) in the order they ran."""
+    from rayllm.tune import STOP_AT, TRIAL
+
+    reached: dict[str, int] = {}
+    for n in range(100):
+        leg = searcher.suggest(f"leg{n}")
+        if leg == "FINISHED":
+            return reached
+        assert leg is not None  # nothing runs, so there is always a leg or the end
+        reached[leg[TRIAL]] = leg[STOP_AT]
+        if legs is not None:
+            legs.append((leg[TRIAL], leg[STOP_AT]))
+        value = loss(leg, leg[STOP_AT])
+        searcher.on_trial_complete(f"leg{n}", None if value is None else {"val_loss": value})
+    raise AssertionError("the search did not end")
+
+
+def test_promotions_follow_the_asha_paper_and_survive_a_restore(tmp_path):
+    """ASHA's Algorithm 2: a trial among the best third of a rung goes on before a new one starts;
+    the search ends with the best trial at the last rung; a saved searcher continues the same way."""
+    from rayllm.tune import Promotions
+
+    lrs = [1e-4, 3e-3, 1e-3, 3e-4, 1e-2, 3e-5, 2e-3, 5e-4, 1e-5]  # 3e-3 is the best at every step
+    trials = [{"train.optimizer.lr": lr} for lr in lrs]
+
+    def loss(leg: dict, step: int) -> float:
+        return 1 + abs(math.log(leg["train.optimizer.lr"] / 3e-3)) + 10 / step
+
+    legs: list = []
+    reached = _search(Promotions([1, 3, 9], 3, "val_loss", "min", trials=trials), loss, legs)
+    # The third result lets the best of three (trial 1, 3e-3) go on before trial 3 starts.
+    assert legs[:4] == [("trial_000", 1), ("trial_001", 1), ("trial_002", 1), ("trial_001", 3)]
+    assert sorted(reached.values()) == [1] * 6 + [3] * 2 + [9]  # 9 trials, 3 promoted, 1 to the end
+    assert reached["trial_001"] == 9 and sum(reached.values()) == 21  # the grid would run 81 steps
+
+    # Saved after any leg and restored into a fresh searcher, the search goes on the same way.
+    first = Promotions([1, 3, 9], 3, "val_loss", "min", trials=trials)
+    for n in range(5):
+        leg = first.suggest(f"leg{n}")
+        first.on_trial_complete(f"leg{n}", {"val_loss": loss(leg, leg["stop_at"])})
+    running = first.suggest("leg5")  # in flight when the search was interrupted
+    first.save(str(tmp_path / "searcher.pkl"))
+    again = Promotions([1, 3, 9], 3, "val_loss", "min", trials=[])
+    again.restore(str(tmp_path / "searcher.pkl"))
+    again.on_trial_complete("leg5", {"val_loss": loss(running, running["stop_at"])})
+    rest: list = []
+    _search(again, loss, rest)
+    assert [(running["trial"], running["stop_at"]), *rest][: len(legs) - 5] == legs[5:]
+
+
+def test_few_trials_still_hand_on_one_trained_to_the_end_and_failures_are_left_out():
+    from rayllm.tune import Promotions
+
+    trials = [{"train.optimizer.lr": lr} for lr in (3e-3, 3e-5, 1.0)]
+
+    def loss(leg: dict, step: int) -> float | None:  # lr 1.0 fails (no metric)
+        lr = leg["train.optimizer.lr"]
+        return None if lr == 1.0 else abs(math.log(lr / 3e-3)) + 1 / step
+
+    # Two results at the first rung are too few to promote one of three: the best goes on anyway.
+    reached = _search(Promotions([2, 6, 16], 3, "val_loss", "min", trials=trials), loss)
+    assert reached == {"trial_000": 16, "trial_001": 2, "trial_002": 2}
+
+
+def test_a_sampler_proposes_new_trials_and_learns_first_rung_results():
+    """With ``tune.search: optuna``, Optuna (a Ray Tune Searcher) proposes every new trial and is
+    told its first-rung result; here a plain Searcher stands in for it."""
+    from ray.tune.search import Searcher
+
+    from rayllm.tune import Promotions
+
+    class Proposer(Searcher):
+        def __init__(self) -> None:
+            super().__init__(metric="val_loss", mode="min")
+            self.told: dict[str, float] = {}
+
+        def suggest(self, trial_id: str) -> dict:
+            return {"train.optimizer.lr": 10.0 ** -(2 + len(self.told) % 3)}
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            self.told[trial_id] = result["val_loss"]
+
+    proposer = Proposer()
+    searcher = Promotions([2, 6], 3, "val_loss", "min", sampler=proposer, samples=6)
+    reached = _search(searcher, lambda leg, step: abs(math.log10(leg["train.optimizer.lr"]) + 3) + 1 / step)
+    assert len(reached) == 6 and sorted(proposer.told) == sorted(reached)  # each told once: rung 1
+    lrs = {k: searcher.params[int(k[-3:])]["train.optimizer.lr"] for k in proposer.told}
+    assert all(v == pytest.approx(0.5 + abs(math.log10(lrs[k]) + 3)) for k, v in proposer.told.items())
+    assert sorted(reached.values()) == [2, 2, 2, 2, 6, 6] and searcher.max_legs() == 12

@@ -222,8 +222,9 @@ class Worker:
                 latest.update(self.evaluate())
                 self._log(step=0, **latest, world=self.world)
         eval_at = set(t.eval_at)
+        end = t.end_step
         window = _Window(self.device)
-        while s.step < t.max_steps:
+        while s.step < end:
             finished_epoch = True
             for batch in self._epoch_batches(
                 self.train_it, s.epoch, skip=s.samples_in_epoch // t.global_batch
@@ -234,11 +235,11 @@ class Worker:
                 s.samples_in_epoch += t.global_batch
                 s.tokens_seen += t.global_batch * self.seq_len
                 metrics: dict[str, Any] = {}
-                if s.step % t.log_every == 0 or s.step == 1 or s.step == t.max_steps:
+                if s.step % t.log_every == 0 or s.step == 1 or s.step == end:
                     with self.watchdog.armed("the metrics all-reduce"):
                         metrics = self._train_metrics(window)
                 with window.paused():  # validation and checkpoints are not training time
-                    if s.step % t.eval_every == 0 or s.step == t.max_steps or s.step in eval_at:
+                    if s.step % t.eval_every == 0 or s.step == end or s.step in eval_at:
                         with self.watchdog.armed("validation"):
                             metrics.update(step=s.step, **self.evaluate())
                     if metrics:
@@ -247,12 +248,12 @@ class Worker:
                     # rejects a result without its metric, and a checkpoint step need not be an
                     # eval or log step.
                     latest.update(metrics, step=s.step)
-                    if s.step % t.checkpoint_every == 0 or s.step == t.max_steps:
+                    if s.step % t.checkpoint_every == 0 or s.step == end:
                         s.reported = dict(latest)
                         checkpoint.save(self.engine, s, self.rank, self.hf_config)
                     elif "val_loss" in metrics:
                         ray.train.report(dict(latest))
-                if s.step >= t.max_steps:
+                if s.step >= end:
                     finished_epoch = False
                     break
             if finished_epoch:

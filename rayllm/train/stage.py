@@ -62,12 +62,7 @@ def datasets(cfg: RunConfig) -> dict[str, Any]:
     return out
 
 
-def trainer(
-    cfg: RunConfig,
-    out: Path,
-    splits: dict[str, Any] | None = None,
-    callbacks: list[Any] | None = None,
-) -> Any:
+def trainer(cfg: RunConfig, out: Path, splits: dict[str, Any] | None = None) -> Any:
     """The ``TorchTrainer`` for one run (also each Ray Tune trial, with its own ``out``)."""
     import ray.train
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, ScalingConfig
@@ -107,7 +102,6 @@ def trainer(
             storage_path=rd.storage,
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
-            callbacks=callbacks,
         ),
         datasets=splits or datasets(cfg),
         # Every worker reads the whole (deterministic) stream and takes its slice per step:
@@ -116,8 +110,8 @@ def trainer(
     )
 
 
-def finished_checkpoint(rd: RunDir, max_steps: int) -> Any:
-    """The newest checkpoint when it already holds ``max_steps`` steps and is intact, else None.
+def finished_checkpoint(rd: RunDir, end_step: int) -> Any:
+    """The newest checkpoint when it already holds ``end_step`` steps and is intact, else None.
 
     Such a run has nothing left to train (a finished run started again, or tune exporting its best
     trial): it is exported from the checkpoint here, without starting a worker group (half a minute
@@ -127,7 +121,7 @@ def finished_checkpoint(rd: RunDir, max_steps: int) -> Any:
     import pyarrow.fs
 
     step = latest_checkpoint_step(rd.storage)
-    if step is None or step < max_steps:
+    if step is None or step < end_step:
         return None
     ckpt = rd.latest_checkpoint()
     if not isinstance(ckpt.filesystem, pyarrow.fs.LocalFileSystem):
@@ -139,13 +133,10 @@ def finished_checkpoint(rd: RunDir, max_steps: int) -> Any:
     return ckpt
 
 
-def run(
-    cfg: RunConfig, splits: dict[str, Any] | None = None, callbacks: list[Any] | None = None
-) -> dict[str, Any]:
+def run(cfg: RunConfig, splits: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train (resuming when the run dir holds checkpoints), export, and write ``train/summary.json``.
 
-    ``splits`` and ``callbacks`` are for Ray Tune: datasets materialized once for every trial, and
-    the callback that forwards each report to the trial.
+    ``splits`` is for Ray Tune: datasets materialized once for every trial.
     """
     from rayllm.train.export import export_checkpoint
 
@@ -159,10 +150,10 @@ def run(
         for p in (out / METRICS, out / TENSORBOARD):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     t0 = time.time()
-    ckpt, error = finished_checkpoint(rd, t.max_steps), None
+    ckpt, error = finished_checkpoint(rd, t.end_step), None
     if ckpt is None:
         with ray_session(cfg.cluster, use_gpu=t.use_gpu):
-            result = trainer(cfg, out, splits, callbacks).fit()
+            result = trainer(cfg, out, splits).fit()
         ckpt, error = result.checkpoint, result.error
     seconds = time.time() - t0
     # Rows without a step: validation rows from runs before they named it (events carry theirs).
