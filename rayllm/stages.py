@@ -59,12 +59,12 @@ STAGES: tuple[Stage, ...] = (
         "tune",
         "rayllm.tune",
         "Ray Tune",
-        "Search optimizer / learning-rate settings with Ray Tune and ASHA early stopping.",
+        "Search optimizer / learning-rate settings with Ray Tune, ASHA promoting the best trials.",
         ("trials", "trials_stopped_early", "best_value", "best_params"),
         ("model", "train", "tune"),
         ("prep",),
         # A trial sets its own steps, storage and export; a longer final train is not a new search.
-        ("train.max_steps", "train.storage", "train.export", "train.resume"),
+        ("train.max_steps", "train.stop_at", "train.storage", "train.export", "train.resume"),
     ),
     Stage(
         "train",

@@ -228,7 +228,6 @@ class Promotions(Searcher):
         self.params: list[dict[str, Any]] = []  # trial i's settings
         self.results: list[dict[int, float]] = [{} for _ in rungs]  # rung -> trial -> metric
         self.promoted: list[set[int]] = [set() for _ in rungs]
-        self.failed: set[int] = set()
         self.live: dict[str, tuple[int, int]] = {}  # Tune trial id of a leg -> (trial, rung)
         self._most = (len(self._queue) if trials else samples) * len(rungs)
 
@@ -304,8 +303,7 @@ class Promotions(Searcher):
         i, k = self.live.pop(trial_id)
         value = (result or {}).get(self.metric)
         failed = error or value is None
-        if failed:
-            self.failed.add(i)
+        if failed:  # left out: a trial without a result at a rung is never promoted from it
             _say(f"{self.name(i)} failed on its way to step {self.rungs[k]}; it is left out")
         else:
             self.results[k][i] = value
@@ -515,7 +513,7 @@ def _export_best(cfg: RunConfig, rd: RunDir, out: Path, best: dict[str, Any], tr
 
 
 def plot_curves(trials: list[dict[str, Any]], trials_dir: Path, png: Path, max_steps: int) -> None:
-    """Every trial's validation loss against step on one PNG; a trial stopped early ends in a cross."""
+    """Every trial's validation loss against step on one PNG; a trial left at a rung ends in a cross."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -533,7 +531,7 @@ def plot_curves(trials: list[dict[str, Any]], trials_dir: Path, png: Path, max_s
             ax.plot(*points[-1], marker="x", markersize=10, color=line.get_color())
     ax.set_xlabel("step")
     ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title("tune: every trial (x: stopped early)")
+    ax.set_title("tune: every trial (x: left at a rung)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
