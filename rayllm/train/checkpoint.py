@@ -37,7 +37,7 @@ class TrainState:
     world: int = 0
     zero_stage: int = 0
     # The figures the checkpoint was reported with: a resumed run reports them until it measures its
-    # own (Ray Tune fails a trial on a report without its metric).
+    # own, so every checkpoint's report carries a validation loss.
     reported: dict[str, Any] = field(default_factory=dict)
 
 

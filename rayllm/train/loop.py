@@ -213,8 +213,6 @@ class Worker:
 
     # ------------------------------------------------------------------------------------- loop
     def run(self) -> None:
-        import ray.train
-
         t, s = self.t, self.state
         latest: dict[str, Any] = dict(s.reported)  # a resumed run's: its checkpoint's report
         if s.step == 0:
@@ -244,15 +242,12 @@ class Worker:
                             metrics.update(step=s.step, **self.evaluate())
                     if metrics:
                         self._log(**metrics)
-                    # Every report carries the newest train and validation figures: Ray Tune
-                    # rejects a result without its metric, and a checkpoint step need not be an
-                    # eval or log step.
+                    # A checkpoint is reported with the newest train and validation figures: its
+                    # step need not be an eval or log step.
                     latest.update(metrics, step=s.step)
                     if s.step % t.checkpoint_every == 0 or s.step == end:
                         s.reported = dict(latest)
                         checkpoint.save(self.engine, s, self.rank, self.hf_config)
-                    elif "val_loss" in metrics:
-                        ray.train.report(dict(latest))
                 if s.step >= end:
                     finished_epoch = False
                     break
