@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 import pickle
 import random
@@ -48,6 +49,7 @@ SAMPLERS = ("choice", "grid", "uniform", "loguniform", "randint")
 EXPERIMENT = "tune"
 GRID = "grid"  # the Tune config key of the grid's points: no config field is named so
 REPORTED_AS = {"train_loss": "loss"}  # tune.metric -> the name train reports and logs it by
+log = logging.getLogger("rayllm")
 
 
 def search_space(
@@ -304,7 +306,8 @@ class Promotions(Searcher):
         value = (result or {}).get(self.metric)
         failed = error or value is None
         if failed:  # left out: a trial without a result at a rung is never promoted from it
-            _say(f"{self.name(i)} failed on its way to step {self.rungs[k]}; it is left out")
+            # In the stage log and the results table only: a user error ends the search in one line.
+            log.warning("%s failed on its way to step %d; it is left out", self.name(i), self.rungs[k])
         else:
             self.results[k][i] = value
             _say(f"{self.name(i)} reached step {self.rungs[k]}: {self.metric} {value:.4f}")
@@ -321,7 +324,8 @@ class Promotions(Searcher):
 
 
 def _say(line: str) -> None:
-    """A progress line on the driver's stderr (Tune itself runs quiet)."""
+    """A progress line on the driver's stderr (Tune itself runs quiet) and in the stage log."""
+    log.info(line)
     print(f"tune: {line}", file=sys.stderr, flush=True)
 
 
