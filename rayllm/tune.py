@@ -183,14 +183,13 @@ def max_concurrent(cfg: RunConfig) -> int:
     return max(1, fits)
 
 
-def grid_trials(cfg: RunConfig) -> list[dict[str, Any]]:
+def grid_trials(cfg: RunConfig, space: dict[str, Any]) -> list[dict[str, Any]]:
     """Every trial of a random search, in order: the grid's points (shuffled by ``tune.seed``),
     ``num_samples`` times, with the sampled fields drawn by Ray Tune's variant generator."""
     import numpy as np
     from ray.tune.search.variant_generator import generate_variants
 
     tc = cfg.tune
-    space = search_space(tc.space, tc.search, tc.grid_order, tc.seed)
     rng = np.random.RandomState(tc.seed)
     return [
         trial_params(config, tc.space)
@@ -248,10 +247,12 @@ class Promotions(Searcher):
         values = self.results[rung]
         return sorted(values, key=lambda i: values[i] if self.mode == "min" else -values[i])
 
-    def _promotion(self) -> tuple[int, int] | None:
+    def _promotion(self, past_the_best: bool = False) -> tuple[int, int] | None:
+        """The first trial not promoted yet, from the top rung down, among the best 1/rf of its rung
+        (``past_the_best``: among all of it)."""
         for k in reversed(range(len(self.rungs) - 1)):
             ranked = self._ranked(k)
-            for i in ranked[: len(ranked) // self.rf]:
+            for i in ranked if past_the_best else ranked[: len(ranked) // self.rf]:
                 if i not in self.promoted[k]:
                     return i, k + 1
         return None
@@ -271,21 +272,15 @@ class Promotions(Searcher):
             return None
         return i, 0
 
-    def _last_promotion(self) -> tuple[int, int] | None:
-        if self.results[-1]:
-            return None
-        for k in reversed(range(len(self.rungs) - 1)):
-            waiting = [i for i in self._ranked(k) if i not in self.promoted[k]]
-            if waiting:
-                return waiting[0], k + 1
-        return None
-
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
         job, why = self._promotion(), "among the best 1/{rf} of the {n} there"
         if job is None:
             job = self._new_trial()
-        if job is None and not self.live:
-            job, why = self._last_promotion(), "the best not promoted, so that a trial reaches the end"
+        if job is None and not self.live and not self.results[-1]:  # none trained to the end yet
+            job, why = (
+                self._promotion(past_the_best=True),
+                "the best not promoted, so that a trial reaches the end",
+            )
         if job is None:
             return None if self.live else Searcher.FINISHED
         i, k = job
@@ -349,19 +344,19 @@ def _search_key(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
     return {**stages.get("tune").config_fields(cfg.dump()), "data": data}
 
 
-def _searcher(cfg: RunConfig) -> Promotions:
+def _searcher(cfg: RunConfig, space: dict[str, Any]) -> Promotions:
+    """The search: ``space`` is ``search_space``'s Tune form of ``tune.space``."""
     tc = cfg.tune
     metric = REPORTED_AS.get(tc.metric, tc.metric)
     steps = rungs(cfg)
     if tc.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        space = search_space(tc.space, tc.search, tc.grid_order, tc.seed)
         sampler = OptunaSearch(space=space, metric=metric, mode=tc.mode, seed=tc.seed)
         return Promotions(
             steps, tc.reduction_factor, metric, tc.mode, sampler=sampler, samples=num_samples(cfg)
         )
-    return Promotions(steps, tc.reduction_factor, metric, tc.mode, trials=grid_trials(cfg))
+    return Promotions(steps, tc.reduction_factor, metric, tc.mode, trials=grid_trials(cfg, space))
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:
@@ -369,7 +364,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     from ray import tune
 
     tc = cfg.tune
-    search_space(tc.space, tc.search, tc.grid_order, tc.seed)  # a bad space fails here, in one line
+    space = search_space(tc.space, tc.search, tc.grid_order, tc.seed)  # a bad space fails here
     _check_space(cfg)
     if tc.search == "optuna":
         try:
@@ -418,7 +413,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
             # A leg that failed stays failed: its trial was left out of the rungs it would have joined.
             tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True)
         else:
-            searcher = _searcher(cfg)
+            searcher = _searcher(cfg, space)
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(
