@@ -114,6 +114,7 @@ def test_unknown_verb_is_usage_error():
         (["tune", "--set", "tune.metric=loss"], r"tune.metric: got 'loss'; .*'train_loss'"),
         (["tune", "--set", "tune.grace_period=500"],
          r"tune: grace_period=500 is longer than a trial \(max_steps=100\)$"),
+        (["train", "--set", "train.stop_at=500"], r"train: stop_at=500 is past the run's max_steps=300$"),
     ],
 )  # fmt: skip
 def test_settings_that_cannot_work_are_one_line_exit_2(tmp_path: Path, args: list[str], message: str):
