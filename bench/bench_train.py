@@ -1,25 +1,36 @@
 """Training throughput: `rayllm train` against a bare PyTorch loop and a plain HF `Trainer`.
 
-Same model shape, batch, sequence length, data and thread count, measured in the same run; tokens/s
-are steady-state (first steps excluded) so start-up costs do not decide the ratio. Also reports memory
-per rank for ZeRO 0/1/2/3 at 2 workers. Ends with one line of JSON (``ratio`` = ours / bare loop).
+Same model shape, global batch, micro-batch (gradient accumulation), sequence length, data and
+thread count. The three run interleaved, each round starting with the next one (rayllm, bare,
+Trainer; bare, Trainer, rayllm; ...), and the median of each is reported, so that a noisy machine
+slows all three alike. All three are timed the same way: wall clock from one optimizer step's end
+to the next, getting the batch included, over the steps after the first ``WARMUP`` (rayllm's own
+metrics rows time exactly that; its validation and checkpoints are left out). During rayllm's runs the CPU time of Ray's own processes (every
+process of the local Ray but the training worker) is sampled: reported as a fraction of one core.
+Also reports memory per rank for ZeRO 0/1/2/3 at 2 workers. Ends with one line of JSON
+(``ratio`` = ours / bare loop, medians).
 
-    .venv/bin/python bench/bench_train.py [--steps 60] [--skip-memory]
+    .venv/bin/python bench/bench_train.py [--steps 60] [--rounds 3] [--skip-memory] [--set KEY=VALUE]
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import itertools
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,6 +40,7 @@ from rayllm.config import ClusterConfig, load_config  # noqa: E402
 from rayllm.runtime import init_ray  # noqa: E402
 
 THREADS = os.cpu_count() or 2
+WARMUP = 10  # steps left out of every figure: allocator and thread-pool warm-up, the first log line
 
 
 def base_config(run_dir: Path, steps: int) -> list[str]:
@@ -52,8 +64,14 @@ def blocks(data_dir: Path, n: int) -> np.ndarray:
     return out[:n].astype(np.int64)
 
 
+def steady(step_ends: list[float], tokens_per_step: int) -> float:
+    """Tokens/s over the steps after WARMUP, from the wall-clock ends of all steps (index 0: start)."""
+    return tokens_per_step * (len(step_ends) - 1 - WARMUP) / (step_ends[-1] - step_ends[WARMUP])
+
+
 def bare_loop(cfg, manifest: dict, data: np.ndarray, steps: int) -> float:
-    """nanoGPT-style loop: the floor any framework adds overhead to."""
+    """nanoGPT-style loop: micro-batches with gradient accumulation, clipping, AdamW; the floor any
+    framework adds overhead to."""
     from rayllm.model.build import build_model, model_config
     from rayllm.train.parallel import build_optimizer
 
@@ -61,20 +79,21 @@ def bare_loop(cfg, manifest: dict, data: np.ndarray, steps: int) -> float:
     torch.manual_seed(0)
     model = build_model(cfg.model, model_config(cfg.model, manifest["vocab_size"], 0, 1))
     opt = build_optimizer(model, cfg.train.optimizer)
-    b = cfg.train.global_batch
-    times = []
+    b, mb = cfg.train.global_batch, cfg.train.micro_batch
+    ends = [time.perf_counter()]
     for s in range(steps):
         x = torch.from_numpy(data[(s * b) % (len(data) - b) :][:b])
-        t0 = time.perf_counter()
-        logits = model(input_ids=x[:, :-1]).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1))
-        loss.backward()
+        for m in range(0, b, mb):
+            logits = model(input_ids=x[m : m + mb, :-1]).logits
+            loss = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.size(-1)), x[m : m + mb, 1:].reshape(-1)
+            )
+            (loss * (mb / b)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t0)
-    steady = times[5:]
-    return b * (data.shape[1] - 1) * len(steady) / sum(steady)
+        ends.append(time.perf_counter())
+    return steady(ends, b * (data.shape[1] - 1))
 
 
 def trainer_args(out: Path, batch: int, steps: int, lr: float, **more: Any) -> Any:
@@ -98,7 +117,7 @@ def trainer_args(out: Path, batch: int, steps: int, lr: float, **more: Any) -> A
 
 
 def hf_trainer(cfg, manifest: dict, data: np.ndarray, steps: int, out: Path) -> float:
-    """A plain transformers Trainer on the same model and blocks (the usual starting point)."""
+    """A plain transformers Trainer on the same model, blocks and accumulation (the usual start)."""
     from transformers import Trainer, TrainerCallback
 
     from rayllm.model.build import build_model, model_config
@@ -108,28 +127,93 @@ def hf_trainer(cfg, manifest: dict, data: np.ndarray, steps: int, out: Path) -> 
     model = build_model(cfg.model, model_config(cfg.model, manifest["vocab_size"], 0, 1))
     rows = [{"input_ids": r[:-1].tolist(), "labels": r[:-1].tolist()} for r in data]
 
-    class Times(TrainerCallback):
+    class StepEnds(TrainerCallback):
         def __init__(self) -> None:
-            self.t: list[float] = []
+            self.ends: list[float] = []
 
-        def on_step_begin(self, *a, **k) -> None:
-            self.t0 = time.perf_counter()
+        def on_train_begin(self, *a, **k) -> None:
+            self.ends = [time.perf_counter()]
 
         def on_step_end(self, *a, **k) -> None:
-            self.t.append(time.perf_counter() - self.t0)
+            self.ends.append(time.perf_counter())
 
-    timer = Times()
+    timer = StepEnds()
+    t = cfg.train
     args = trainer_args(
         out,
-        cfg.train.global_batch,
+        t.micro_batch,
         steps,
-        cfg.train.optimizer.lr,
-        weight_decay=cfg.train.optimizer.weight_decay,
-        max_grad_norm=cfg.train.grad_clip,
+        t.optimizer.lr,
+        gradient_accumulation_steps=t.global_batch // t.micro_batch,
+        weight_decay=t.optimizer.weight_decay,
+        max_grad_norm=t.grad_clip,
     )
     Trainer(model=model, args=args, train_dataset=rows, callbacks=[timer]).train()
-    steady = timer.t[5:]
-    return cfg.train.global_batch * (data.shape[1] - 1) * len(steady) / sum(steady)
+    return steady(timer.ends, t.global_batch * (data.shape[1] - 1))
+
+
+class RayCpu:
+    """CPU seconds of every process under this driver (the local Ray), sampled twice a second."""
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, dict[int, tuple[str, float]]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> RayCpu:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        procs: dict[int, psutil.Process] = {}
+        while not self._stop.is_set():
+            snap = {}
+            for p in psutil.Process().children(recursive=True):
+                procs.setdefault(p.pid, p)
+            for pid, p in list(procs.items()):
+                try:
+                    with p.oneshot():
+                        cpu = p.cpu_times()
+                        snap[pid] = (" ".join(p.cmdline())[:60], cpu.user + cpu.system)
+                except psutil.Error:
+                    procs.pop(pid)
+            self.samples.append((time.time(), snap))
+            self._stop.wait(0.5)
+
+    def background(self, t0: float, t1: float) -> tuple[float, float]:
+        """(Ray's processes but the training worker, the worker) in cores over [t0, t1]."""
+        before = next((s for t, s in reversed(self.samples) if t <= t0), self.samples[0][1])
+        after = next((s for t, s in self.samples if t >= t1), self.samples[-1][1])
+        ray_cpu = worker = 0.0
+        for pid, (name, cpu) in after.items():
+            if pid in before:
+                delta = cpu - before[pid][1]
+                if "RayTrainWorker" in name or "RayTrainWorker" in before[pid][0]:
+                    worker += delta
+                else:
+                    ray_cpu += delta
+        return ray_cpu / (t1 - t0), worker / (t1 - t0)
+
+
+def rayllm_train(cfg, run_dir: Path, tokens_per_step: int) -> tuple[float, float, float]:
+    """(tokens/s over the steps after WARMUP, Ray's background cores, the worker's cores)."""
+    from rayllm.train.stage import run as fit
+
+    with RayCpu() as cpu:
+        fit(cfg)
+    rows = [json.loads(line) for line in (run_dir / "train" / "metrics.jsonl").open()]
+    rows = [r for r in rows if "step_time" in r]
+    # A row times the steps since the row before it: the rows after the one at WARMUP time the rest.
+    pairs = itertools.pairwise(rows)
+    timed = [(b["step"] - a["step"], b["step_time"]) for a, b in pairs if a["step"] >= WARMUP]
+    seconds = sum(n * step_time for n, step_time in timed)
+    start = next(r["time"] for r in rows if r["step"] == WARMUP)
+    background, worker = cpu.background(start, rows[-1]["time"])
+    return tokens_per_step * sum(n for n, _ in timed) / seconds, background, worker
 
 
 LOSS_PROBE = """
@@ -167,8 +251,18 @@ def loss_memory() -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override for all three (e.g. train.micro_batch=16; train.loss=full for rayllm)",
+    )
     args = ap.parse_args()
+    if args.steps <= WARMUP + 5:
+        ap.error(f"--steps must be above {WARMUP + 5} (the first {WARMUP} are warm-up)")
 
     from rayllm.prep.stage import run as prep
     from rayllm.rundir import RunDir
@@ -185,14 +279,34 @@ def main() -> None:
         [
             *base_config(work / "run", args.steps),
             "train.workers=1",
-            f"train.cpus_per_worker={THREADS - 0.5}",
+            f"train.cpus_per_worker={THREADS - 0.5}",  # its ceiling, THREADS, is its torch thread count
             "train.deepspeed.zero_stage=0",
+            *args.set,
         ],
     )
-    ours = fit(ours_cfg)["tokens_per_second"]
-    data = blocks(work / "run" / "prep", ours_cfg.train.global_batch * args.steps)
-    bare = bare_loop(ours_cfg, manifest, data, args.steps)
-    trainer = hf_trainer(ours_cfg, manifest, data, args.steps, work / "hf")
+    t = ours_cfg.train
+    data = blocks(work / "run" / "prep", t.global_batch * args.steps)
+    tokens_per_step = t.global_batch * (data.shape[1] - 1)
+    runs: dict[str, list[float]] = {k: [] for k in ("ours", "bare", "trainer", "ray_cores", "worker_cores")}
+
+    def ours() -> None:
+        tokens_per_s, background, worker = rayllm_train(ours_cfg, work / "run", tokens_per_step)
+        runs["ours"].append(tokens_per_s)
+        runs["ray_cores"].append(background)
+        runs["worker_cores"].append(worker)
+
+    contenders = [
+        ours,
+        lambda: runs["bare"].append(bare_loop(ours_cfg, manifest, data, args.steps)),
+        lambda: runs["trainer"].append(hf_trainer(ours_cfg, manifest, data, args.steps, work / "hf")),
+    ]
+    for r in range(args.rounds):
+        # Each round starts with the next contender: none always runs first, or right after Ray
+        # tears a Train run down.
+        for run in contenders[r % 3 :] + contenders[: r % 3]:
+            run()
+        print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:,.2f}" for k, v in runs.items()), file=sys.stderr)
+    med = {k: statistics.median(v) for k, v in runs.items()}
     memory = {}
     if not args.skip_memory:
         for stage in (0, 1, 2, 3):
@@ -212,12 +326,19 @@ def main() -> None:
             memory[f"zero{stage}"] = round(max(r.get("memory_mb", 0) for r in rows), 1)
     result = {
         "benchmark": "train",
-        "ours_tokens_per_s": round(ours, 1),
-        "bare_loop_tokens_per_s": round(bare, 1),
-        "hf_trainer_tokens_per_s": round(trainer, 1),
-        "ratio": round(ours / bare, 3),
+        "date": datetime.date.today().isoformat(),
+        "threads": THREADS,
+        "steps": args.steps,
+        "rounds": args.rounds,
+        "overrides": args.set,
+        "ours_tokens_per_s": round(med["ours"], 1),
+        "bare_loop_tokens_per_s": round(med["bare"], 1),
+        "hf_trainer_tokens_per_s": round(med["trainer"], 1),
+        "per_round": {k: [round(x, 3) for x in v] for k, v in runs.items()},
+        "ray_background_cores": round(med["ray_cores"], 3),
+        "ratio": round(med["ours"] / med["bare"], 3),
         "target": 0.95,
-        "ratio_vs_hf_trainer": round(ours / trainer, 3),
+        "ratio_vs_hf_trainer": round(med["ours"] / med["trainer"], 3),
         "target_vs_hf_trainer": 1.0,
         "rank0_rss_mb_by_zero_stage_2_workers_d512_l8": memory,
         "loss_vocab_50k": loss_memory(),

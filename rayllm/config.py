@@ -178,8 +178,8 @@ class ModelConfig(Strict):
     dropout: Fraction = Field(0.0, description="dropout on embeddings, attention and residuals")
     activation: Literal["default", "gelu", "relu2", "silu"] = Field(
         "default",
-        description="MLP activation: the family's own (gpt2 gelu, llama SwiGLU), or relu2 (squared ReLU, as "
-        "modded-nanogpt; gated in llama)",
+        description="MLP activation: the family's own (gpt2 tanh-approximated GELU, as one fused kernel; "
+        "llama SwiGLU), or relu2 (squared ReLU, as modded-nanogpt; gated in llama)",
     )
     tie_embeddings: bool = Field(True, description="share the input embedding with the output layer")
     attention: Literal["sdpa", "eager", "flash_attention_2"] = Field(
@@ -221,9 +221,10 @@ class OptimizerConfig(Strict):
     betas: tuple[Fraction, Fraction] = Field((0.9, 0.95), description="adam/adamw moment decay rates")
     eps: PositiveFloat = Field(1e-8, description="adam/adamw denominator epsilon")
     momentum: Annotated[float, Field(ge=0, lt=1)] = Field(0.9, description="sgd momentum")
-    fused: bool | None = Field(
-        None,
-        description="adam/adamw: torch's fused kernel (one launch for all parameters); default on with GPUs",
+    fused: bool = Field(
+        True,
+        description="adam/adamw: torch's fused kernel, one call for all parameters on CPUs and GPUs alike "
+        "(on CPU 0.6 ms against 2.7 ms per step for the demo model)",
     )
 
 

@@ -46,6 +46,23 @@ def test_chunked_loss_equals_cross_entropy_in_value_and_gradients(chunk: int) ->
     assert correct.item() == int(((logits.argmax(-1) == targets) & (targets != IGNORE)).sum())
 
 
+def test_chunked_loss_skips_what_is_not_asked_for() -> None:
+    """A frozen output embedding (LoRA) gets no gradient, and without ``accuracy`` no argmax: the
+    hidden-state gradient and the loss are still exact."""
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(90, 16, generator=g, requires_grad=True)
+    weight = torch.randn(257, 16, generator=g)  # frozen
+    targets = torch.randint(0, 257, (90,), generator=g)
+    targets[::4] = IGNORE
+    want = _reference(hidden, weight, targets)
+    (want_h,) = torch.autograd.grad(want, (hidden,))
+    got, correct = chunked_linear_cross_entropy(hidden, weight, targets, chunk=32, accuracy=False)
+    got.backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+    assert_rel(hidden.grad, want_h, 1e-5)
+    assert weight.grad is None and correct.item() == 0
+
+
 def _tiny_lm(tie: bool = True):
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -55,7 +55,8 @@ def model_config(cfg: ModelConfig, vocab_size: int, eos_id: int, pad_id: int) ->
             eos_token_id=eos_id,
             pad_token_id=pad_id,
             tie_word_embeddings=cfg.tie_embeddings,
-            **({} if cfg.activation == "default" else {"activation_function": cfg.activation}),
+            # GPT-2's own GELU (gelu_new) is the same tanh formula in six eager ops; this is one kernel.
+            activation_function="gelu_pytorch_tanh" if cfg.activation == "default" else cfg.activation,
         )
     return LlamaConfig(
         vocab_size=vocab,

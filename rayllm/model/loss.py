@@ -43,34 +43,45 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     Forward computes each chunk's logits in fp32, its loss, and the gradients w.r.t. ``hidden`` and
     ``weight`` (softmax minus one-hot); backward only scales them. Peak memory is one chunk of
-    logits instead of all of them, and no matmul is recomputed.
+    logits instead of all of them, and no matmul is recomputed. A gradient is computed only for an
+    input that needs one (LoRA's frozen output embedding needs none: a third of the loss's matmuls),
+    the argmax only when ``accuracy`` asks, and the target mask multiplies the chunk's hidden states
+    and its hidden-state gradient, not its vocabulary-wide logits.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        chunk: int,
+        accuracy: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        grad_needed = hidden.requires_grad or weight.requires_grad
+        need_h, need_w = hidden.requires_grad, weight.requires_grad
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         correct = torch.zeros((), dtype=torch.int64, device=hidden.device)
-        grad_h = torch.empty_like(hidden) if grad_needed else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grad_needed else None
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         for start in range(0, hidden.shape[0], chunk):
             h, t = hidden[start : start + chunk], targets[start : start + chunk]
             logits = (h @ weight.T).float()
             valid = t != IGNORE
             safe = t.clamp(min=0)
-            lse = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(1, safe[:, None])[:, 0]
-            total += ((lse - picked) * valid).sum()
-            correct += ((logits.argmax(-1) == t) & valid).sum()
-            if grad_needed:
-                g = torch.exp(logits.sub_(lse[:, None]))  # softmax, in place of the logits
+            if accuracy:
+                correct += ((logits.argmax(-1) == t) & valid).sum()
+            logp = torch.log_softmax(logits, dim=-1)  # one fused pass; logsumexp then sub is three
+            del logits
+            total -= (logp.gather(1, safe[:, None])[:, 0] * valid).sum()
+            if need_h or need_w:
+                g = logp.exp_()  # softmax, in place of the log-probabilities
                 g[torch.arange(len(t), device=g.device), safe] -= 1.0
-                g *= valid[:, None]
                 g = g.to(hidden.dtype)
-                grad_h[start : start + chunk] = g @ weight  # type: ignore[index]
-                grad_w.addmm_(g.T.float(), h.float())  # type: ignore[union-attr]
+                keep = valid[:, None].to(hidden.dtype)
+                if need_h:
+                    grad_h[start : start + chunk] = (g @ weight) * keep  # type: ignore[index]
+                if need_w:
+                    grad_w.addmm_(g.T.float(), (h * keep).float())  # type: ignore[union-attr]
         ctx.save_for_backward(grad_h, grad_w)
         ctx.mark_non_differentiable(correct)
         return total, correct
@@ -78,14 +89,25 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_total: torch.Tensor, _: Any) -> tuple[Any, ...]:  # type: ignore[override]
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_total.to(grad_h.dtype), grad_w * grad_total, None, None
+        return (
+            None if grad_h is None else grad_h * grad_total.to(grad_h.dtype),
+            None if grad_w is None else grad_w * grad_total,
+            None,
+            None,
+            None,
+        )
 
 
 def chunked_linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = CHUNK_TOKENS
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk: int = CHUNK_TOKENS,
+    accuracy: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of token NLL, correct argmax predictions) over ``hidden`` [N, d], ``targets`` [N]."""
-    total, correct = _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk)
+    """(sum of token NLL, correct argmax predictions or 0 without ``accuracy``) over ``hidden``
+    [N, d], ``targets`` [N]."""
+    total, correct = _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk, accuracy)
     return total, correct
 
 
@@ -152,5 +174,5 @@ class NextTokenLoss(nn.Module):
             )
             nll = nll[0] if isinstance(nll, tuple) else nll  # some releases also return the z-loss
             return nll, count, torch.zeros_like(count)
-        nll, correct = chunked_linear_cross_entropy(hidden, weight, flat_targets)
+        nll, correct = chunked_linear_cross_entropy(hidden, weight, flat_targets, accuracy=accuracy)
         return nll, count, correct

@@ -39,7 +39,7 @@ from rayllm.rundir import (
 )
 from rayllm.train import checkpoint
 from rayllm.train.checkpoint import TrainState
-from rayllm.train.parallel import parallelize, peak_flops, resolve_micro_batch
+from rayllm.train.parallel import cpu_runtime, parallelize, peak_flops, resolve_micro_batch
 
 log = logging.getLogger("rayllm.train")
 
@@ -89,7 +89,7 @@ class Worker:
         else:
             self.device = torch.device("cpu")
             # One intra-op thread per reserved CPU (rounded up: 0.5 CPU leaves room for Ray Data).
-            torch.set_num_threads(max(1, math.ceil(t.cpus_per_worker)))
+            cpu_runtime(max(1, math.ceil(t.cpus_per_worker)))
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
         self.metrics = self.tb = None
         if self.rank == 0:
