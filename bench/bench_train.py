@@ -10,7 +10,7 @@ process of the local Ray but the training worker) is sampled: reported as a frac
 Also reports memory per rank for ZeRO 0/1/2/3 at 2 workers. Ends with one line of JSON
 (``ratio`` = ours / bare loop, medians).
 
-    .venv/bin/python bench/bench_train.py [--steps 60] [--rounds 3] [--skip-memory] [--set KEY=VALUE]
+    .venv/bin/python bench/bench_train.py [--steps 60] [--rounds 5] [--skip-memory] [--set KEY=VALUE]
 """
 
 from __future__ import annotations
@@ -251,7 +251,7 @@ def loss_memory() -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument(
         "--set",

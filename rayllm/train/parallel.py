@@ -38,7 +38,7 @@ def cpu_runtime(threads: int) -> bool:
 
     glibc hands every freed block above its trim threshold back to the kernel, so each step
     page-faults its activations and logits in again: 16,000 minor faults per step for the demo model,
-    10-14% of its step time on a 2-core machine. Blocks up to 32 MB (glibc's ceiling for this
+    8-14% of its step time on a 2-core machine. Blocks up to 32 MB (glibc's ceiling for this
     setting) stay on the heap and the heap is not trimmed; the process keeps its peak, which a
     training loop reaches again every step anyway. Returns whether the allocator took the setting
     (glibc only; elsewhere the allocator is left as it is).
