@@ -5,8 +5,9 @@ thread count. The three run interleaved, each round starting with the next one (
 Trainer; bare, Trainer, rayllm; ...), and the median of each is reported, so that a noisy machine
 slows all three alike. All three are timed the same way: wall clock from one optimizer step's end
 to the next, getting the batch included, over the steps after the first ``WARMUP`` (rayllm's own
-metrics rows time exactly that; its validation and checkpoints are left out). During rayllm's runs the CPU time of Ray's own processes (every
-process of the local Ray but the training worker) is sampled: reported as a fraction of one core.
+metrics rows time exactly that; its validation and checkpoints are left out). During rayllm's runs
+the CPU time of Ray's own processes (every process of the local Ray but the training worker) is
+sampled: reported as a fraction of one core.
 Also reports memory per rank for ZeRO 0/1/2/3 at 2 workers. Ends with one line of JSON
 (``ratio`` = ours / bare loop, medians).
 
