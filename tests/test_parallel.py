@@ -82,16 +82,20 @@ print(took, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 def test_cpu_runtime_keeps_freed_memory_instead_of_faulting_it_in_again():
     """A CPU worker's allocations of a few MB reuse freed memory: no page faults per step."""
+    import os
     import subprocess
     import sys
 
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
     runs = {}
     for mode in ("default", "keep"):
         out = subprocess.run(
-            [sys.executable, "-c", FAULTS_PROBE, mode], capture_output=True, text=True, check=True
+            [sys.executable, "-c", FAULTS_PROBE, mode], capture_output=True, text=True, check=True, env=env
         ).stdout.split()
         runs[mode] = (out[0], int(out[1]))
     assert runs["keep"][0] == "True"
-    assert runs["default"][1] > 20 * 1000, runs  # glibc returns the blocks and faults them in again
+    # glibc's default returns some of the blocks and faults them in again (how many depends on its
+    # adaptive thresholds: 3,900 to 175,000 4-KB pages seen here); kept, none after the warm-up.
+    assert runs["default"][1] > 1000, runs
     assert runs["keep"][1] < 200, runs
     assert torch.get_num_threads() >= 1
