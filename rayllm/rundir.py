@@ -6,7 +6,9 @@ and how they are laid out:
 ```
 <run_dir>/
   <stage>/config.yaml  stage.log  metrics.jsonl  summary.json     every stage
-  prep/manifest.json  prep/tokenizer/  prep/{train,val}/shard-NNNNN.parquet   packed data
+  prep/manifest.json  prep/tokenizer/  prep/{train,val}/*.parquet             packed data (the
+      manifest lists the shards, in order, with their sha256); prep/plan.json, buckets/, near/
+      are prep's own working files, from which a killed prep resumes
   train/ray/train/checkpoint_*/                                     Ray Train storage (train.storage)
       ckpt/ (DeepSpeed shards)  rayllm_state.json  rng_rank<r>.pt  config.json
   train/export/                                                     plain Hugging Face folder
@@ -29,10 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -51,7 +50,6 @@ TOKENIZER = "tokenizer"
 INPUT_IDS = "input_ids"
 POSITION_IDS = "position_ids"  # restart after each EOS: attention does not cross documents
 LOSS_MASK = "loss_mask"  # 1 where the token is a training target (SFT: the answer), 0 elsewhere
-ROW_GROUP = 1024
 # Ray Train storage: <storage>/<TRAIN_RUN>/checkpoint_*/, registered in the manager snapshot.
 TRAIN_RUN = "train"
 CKPT_TAG = "ckpt"
@@ -130,42 +128,6 @@ class Manifest(BaseModel):
         return self.blocks[split] * self.block_len * 4 * len(self.columns) / 2**30
 
 
-class ShardWriter:
-    """Writes ``<dir>/<split>/shard-NNNNN.parquet``: one int32 block column per packed-data column.
-
-    Each shard is written to a temporary name and renamed once complete, and its sha256 lands in the
-    manifest: a killed prep never leaves a half-written shard for train to read.
-    """
-
-    def __init__(self, split_dir: Path, block_len: int) -> None:
-        self.dir = split_dir
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.split = split_dir.name
-        self.block_len = block_len
-        self.shards: list[dict[str, Any]] = []
-
-    def write(self, columns: dict[str, np.ndarray]) -> None:
-        rows = next(iter(columns.values())).shape[0]
-        table = pa.table({name: self._column(values) for name, values in columns.items()})
-        path = self.dir / f"shard-{len(self.shards):05d}.parquet"
-        tmp = path.with_name(path.name + ".tmp")
-        pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP, write_statistics=False)
-        tmp.replace(path)
-        self.shards.append(
-            {
-                "path": f"{self.split}/{path.name}",
-                "split": self.split,
-                "rows": int(rows),
-                "sha256": _sha256(path),
-            }
-        )
-
-    def _column(self, blocks: np.ndarray) -> pa.FixedSizeListArray:
-        return pa.FixedSizeListArray.from_arrays(
-            pa.array(blocks.reshape(-1), type=pa.int32()), self.block_len
-        )
-
-
 @dataclass(frozen=True)
 class PackedData:
     """A prep output folder: manifest, tokenizer folder and the packed splits."""
@@ -191,9 +153,6 @@ class PackedData:
                 shutil.rmtree(p)
             elif p.exists():
                 p.unlink()
-
-    def writer(self, split: str, block_len: int) -> ShardWriter:
-        return ShardWriter(self.split_dir(split), block_len)
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         write_json(self.manifest_path, manifest)
@@ -413,7 +372,7 @@ def read_checkpoint_state(d: Path) -> dict[str, Any]:
 
 def write_checksums(d: Path, rank: int) -> None:
     """Record the sha256 of every file in ``d`` (one rank's part of a checkpoint, before upload)."""
-    sums = {str(p.relative_to(d)): _sha256(p) for p in sorted(d.rglob("*")) if p.is_file()}
+    sums = {str(p.relative_to(d)): sha256_file(p) for p in sorted(d.rglob("*")) if p.is_file()}
     (d / CHECKSUMS.format(rank=rank)).write_text(json.dumps(sums), encoding="utf-8")
 
 
@@ -423,12 +382,12 @@ def corrupt_files(d: Path) -> list[str]:
     for listing in sorted(d.glob(CHECKSUMS.format(rank="*"))):
         for rel, digest in json.loads(listing.read_text(encoding="utf-8")).items():
             p = d / rel
-            if not p.is_file() or _sha256(p) != digest:
+            if not p.is_file() or sha256_file(p) != digest:
                 bad.append(rel)
     return bad
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
         while chunk := f.read(1 << 20):
