@@ -53,15 +53,23 @@ class SourceConfig(Strict):
     """One input source: a file, directory, glob, ``pkg://package/sub/path`` or pyarrow URI."""
 
     path: str = Field(
-        description="a file, directory, glob, pkg://package/sub/path or pyarrow URI (s3://, gs://, ...)"
+        description="a file, directory, glob, pkg://package/sub/path or pyarrow URI (s3://, gs://, ...); "
+        "with format hf, a Hugging Face dataset folder (save_to_disk, or parquet/json/arrow files laid "
+        "out as on the Hub) or hf://datasets/<owner>/<name>"
     )
-    format: Literal["txt", "jsonl", "parquet"] | None = Field(
-        None, description="inferred from the extension when omitted"
+    format: Literal["txt", "jsonl", "parquet", "arrow", "hf"] | None = Field(
+        None, description="inferred from the extension when omitted; hf: a Hugging Face dataset (see path)"
+    )
+    split: str | None = Field(
+        None,
+        description="format hf: the dataset split to read (default train; a single saved Dataset has none)",
     )
     split_on: Literal["file", "paragraph", "line"] = Field(
         "paragraph", description="txt only: one document per file, blank-line paragraph or line"
     )
-    text_field: str = Field("text", description="jsonl key / parquet column holding the document text")
+    text_field: str = Field(
+        "text", description="jsonl key / parquet, arrow or hf column holding the document text"
+    )
     id_field: str | None = Field(None, description="jsonl key whose value names the document in messages")
     weight: PositiveFloat = Field(
         1.0, description="repeat factor: 2.0 includes each document twice, 0.5 keeps half"
@@ -127,6 +135,12 @@ class DataConfig(Strict):
         0.02, description="share of documents (by content hash, so stable) held out for validation"
     )
     shard_rows: PositiveInt = Field(4096, description="packed blocks per parquet shard")
+    buckets: Annotated[int, Field(ge=1, le=1 << 20)] | None = Field(
+        None,
+        description="documents are grouped by content hash into this many buckets, each deduplicated, "
+        "packed and written by one Ray task; the shards depend on this number, never on the cluster. "
+        "Default: one per 16 MiB of input times its source's weight (at least 8)",
+    )
     on_error: Literal["fail", "skip"] = Field(
         "fail", description="bad input: stop with file and line, or skip and count it"
     )

@@ -194,12 +194,17 @@ def is_uri(path: str) -> bool:
 
 
 def filesystem(path: str) -> tuple[Any, str]:
-    """The pyarrow filesystem and in-filesystem path for a local path or a URI (s3://, gs://, file://)."""
+    """The pyarrow filesystem and in-filesystem path for a local path or a URI (s3://, gs://, file://,
+    hf://)."""
     import pyarrow as pa
     import pyarrow.fs as pafs
 
     if not is_uri(path):
         return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+    if path.startswith("hf://"):  # the Hugging Face Hub, through its own fsspec filesystem
+        from huggingface_hub import HfFileSystem
+
+        return pafs.PyFileSystem(pafs.FSSpecHandler(HfFileSystem())), path[len("hf://") :]
     try:
         return pafs.FileSystem.from_uri(path)
     except (pa.ArrowInvalid, OSError) as e:

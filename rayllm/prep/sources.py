@@ -32,7 +32,10 @@ FORMATS = {
     ".ndjson": "jsonl",
     ".parquet": "parquet",
     ".pq": "parquet",
+    ".arrow": "arrow",
 }
+# Formats read a record batch at a time from the open file, never whole into memory.
+COLUMNAR = ("parquet", "arrow")
 _BLANK = re.compile(rb"^[ \t\r\f\v]*$")
 # What ``read_file`` yields per document (and per counted bad-input row).
 ROW_SCHEMA = pa.schema(
@@ -58,6 +61,8 @@ def list_files(src: SourceConfig, index: int) -> list[str]:
     """Every file a source names, sorted so that listing order never changes the result."""
     path = resolve_pkg(src.path)
     where = f"data.sources[{index}].path"
+    if src.format == "hf":
+        return hf_files(path, src.split, where)
     if is_uri(path):
         fs, base = filesystem(path)
         scheme = path.split("://", 1)[0] + "://"
@@ -86,6 +91,57 @@ def list_files(src: SourceConfig, index: int) -> list[str]:
     return sorted(os.path.abspath(f) if not is_uri(f) else f for f in files)
 
 
+def hf_files(path: str, split: str | None, where: str) -> list[str]:
+    """The data files of one split of a Hugging Face dataset, found the way ``datasets`` finds them:
+    a ``save_to_disk`` folder (one Dataset, or a DatasetDict's split folder) lists its Arrow files in
+    ``state.json``; any other folder (or ``hf://datasets/...``) is resolved by the library's own
+    split patterns (``data/train-00000-of-00002.parquet``, ``train/*.jsonl``, ...)."""
+    from datasets.data_files import EmptyDatasetError, get_data_patterns, resolve_pattern
+
+    fs, base = filesystem(path)
+    exists = fs.get_file_info(base).type == pafs.FileType.Directory
+
+    def read_json(name: str) -> Any | None:
+        info = fs.get_file_info(f"{base}/{name}")
+        if info.type != pafs.FileType.File:
+            return None
+        with fs.open_input_stream(f"{base}/{name}") as f:
+            return json.loads(f.read())
+
+    if not exists and not path.startswith("hf://"):
+        raise DataError(f"{where}: {path} is not a folder (format hf reads a Hugging Face dataset folder)")
+    splits = read_json("dataset_dict.json")
+    if splits is not None:  # DatasetDict.save_to_disk: one folder per split
+        names = splits.get("splits", [])
+        wanted = split or "train"
+        if wanted not in names:
+            listed = ", ".join(names)
+            raise DataError(f"{where}: {path} has no split {wanted!r} (splits: {listed}); set split")
+        return hf_files(f"{path.rstrip('/')}/{wanted}", None, where)
+    state = read_json("state.json")
+    if state is not None:  # Dataset.save_to_disk
+        saved = state.get("_split")
+        if split and saved and split != saved:
+            raise DataError(f"{where}: {path} holds split {saved!r}, not {split!r}")
+        return [f"{path.rstrip('/')}/{f['filename']}" for f in state.get("_data_files", [])]
+    try:
+        patterns = get_data_patterns(path)
+    except EmptyDatasetError:
+        raise DataError(f"{where}: {path} holds no data files a Hugging Face dataset reads") from None
+    wanted = split or "train"
+    if wanted not in patterns:
+        names = ", ".join(str(k) for k in patterns)
+        raise DataError(f"{where}: {path} has no split {wanted!r} (splits: {names}); set split")
+    files = sorted({f for p in patterns[wanted] for f in resolve_pattern(p, path)})
+    unreadable = [f for f in files if infer_format(f) not in ("jsonl", "parquet", "arrow")]
+    if unreadable:
+        raise DataError(
+            f"{where}: {unreadable[0]}: only parquet, json/jsonl and arrow files are read from a "
+            "Hugging Face dataset; convert it with datasets (to_parquet)"
+        )
+    return files
+
+
 def file_items(cfg: DataConfig) -> list[dict[str, Any]]:
     """One row per input file: what ``read_file`` needs to turn it into documents."""
     if not cfg.sources:
@@ -93,17 +149,20 @@ def file_items(cfg: DataConfig) -> list[dict[str, Any]]:
     items = []
     for i, src in enumerate(cfg.sources):
         files = list_files(src, i)
-        if cfg.task == "sft" and any((src.format or infer_format(f)) != "jsonl" for f in files):
+        formats = [infer_format(f) if src.format in (None, "hf") else src.format for f in files]
+        if cfg.task == "sft" and any(fmt != "jsonl" for fmt in formats):
             raise DataError(f"data.sources[{i}]: data.task=sft reads jsonl examples; {src.path} is not jsonl")
         fs, _ = filesystem(files[0])
         sizes = [info.size or 0 for info in fs.get_file_info([filesystem(f)[1] for f in files])]
-        for f, size in zip(files, sizes, strict=True):
+        mtimes = [info.mtime_ns or 0 for info in fs.get_file_info([filesystem(f)[1] for f in files])]
+        for f, size, mtime, fmt in zip(files, sizes, mtimes, formats, strict=True):
             items.append(
                 {
                     "path": f,
                     "bytes": size,
+                    "mtime_ns": mtime,
                     "source": i,
-                    "format": src.format or infer_format(f),
+                    "format": fmt,
                     "split_on": src.split_on,
                     "text_field": src.text_field,
                     "id_field": src.id_field or "",
@@ -163,25 +222,25 @@ class _Reader:
             ) from None
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        fmt = self.item["format"]
+        if fmt in COLUMNAR:
+            yield from self.columnar(fmt)
+            return
         try:
             raw = self.read_bytes()
         except (OSError, pa.ArrowException) as e:
             yield self.bad("unreadable_file", "0", f"cannot read file ({e})")
             return
-        fmt = self.item["format"]
-        if fmt != "parquet":
-            if b"\x00" in raw[:65536]:
-                yield self.bad("binary_file", "1", "binary file (NUL byte found), not text")
-                return
-            if not raw.strip():
-                yield self.bad("empty_file", "1", "file is empty")
-                return
+        if b"\x00" in raw[:65536]:
+            yield self.bad("binary_file", "1", "binary file (NUL byte found), not text")
+            return
+        if not raw.strip():
+            yield self.bad("empty_file", "1", "file is empty")
+            return
         if fmt == "txt":
             yield from self.txt(raw)
-        elif fmt == "jsonl":
-            yield from self.jsonl(raw)
         else:
-            yield from self.parquet(raw)
+            yield from self.jsonl(raw)
 
     def txt(self, raw: bytes) -> Iterator[dict[str, Any]]:
         lines = raw.split(b"\n")
@@ -264,26 +323,62 @@ class _Reader:
             where = f"{i}" + (f"#{obj[id_field]}" if id_field and id_field in obj else "")
             yield self.row(value, where, reason)
 
-    def parquet(self, raw: bytes) -> Iterator[dict[str, Any]]:
+    def columnar(self, fmt: str) -> Iterator[dict[str, Any]]:
+        """Parquet (a row group at a time) or Arrow IPC, stream or file format as ``datasets`` writes
+        them (a record batch at a time): the text column only, never the whole file in memory."""
         field = self.item["text_field"]
         try:
-            table = pq.read_table(pa.BufferReader(raw))
-        except pa.ArrowException as e:
-            yield self.bad("unreadable_file", "0", f"not a readable parquet file ({e})")
-            return
-        if field not in table.column_names:
-            yield self.bad(
-                "missing_field",
-                "0",
-                f"no column {field!r} (columns: {', '.join(table.column_names)})",
-                "set the source's text_field",
-            )
-            return
-        for i, value in enumerate(table.column(field).to_pylist()):
-            if isinstance(value, str):
-                yield self.row(value, f"row{i}")
+            if self.path.lower().endswith(COMPRESSED):  # no random access: decompressed in memory
+                f = pa.BufferReader(self.read_bytes())
             else:
-                yield self.bad("missing_field", f"row{i}", f"column {field!r} is null or not text")
+                fs, p = filesystem(self.path)
+                f = fs.open_input_file(p)
+        except (OSError, pa.ArrowException) as e:
+            yield self.bad("unreadable_file", "0", f"cannot read file ({e})")
+            return
+        with f:
+            try:
+                batches, names = _record_batches(f, fmt, field)
+            except (OSError, pa.ArrowException) as e:
+                yield self.bad("unreadable_file", "0", f"not a readable {fmt} file ({e})")
+                return
+            if field not in names:
+                yield self.bad(
+                    "missing_field",
+                    "0",
+                    f"no column {field!r} (columns: {', '.join(names)})",
+                    "set the source's text_field",
+                )
+                return
+            i = 0
+            try:
+                for batch in batches:
+                    for value in batch.column(field).to_pylist():
+                        if isinstance(value, str):
+                            yield self.row(value, f"row{i}")
+                        else:
+                            yield self.bad(
+                                "missing_field", f"row{i}", f"column {field!r} is null or not text"
+                            )
+                        i += 1
+            except (OSError, pa.ArrowException) as e:
+                yield self.bad("unreadable_file", f"row{i}", f"{fmt} file cut short or corrupt ({e})")
+
+
+def _record_batches(f: Any, fmt: str, field: str) -> tuple[Iterator[Any], list[str]]:
+    """(record batches holding ``field`` where present, the file's column names)."""
+    if fmt == "parquet":
+        pf = pq.ParquetFile(f)
+        names = pf.schema_arrow.names
+        return (pf.iter_batches(columns=[field], batch_size=8192) if field in names else iter(())), names
+    try:
+        reader = pa.ipc.open_stream(f)  # Dataset.save_to_disk writes the stream format
+    except pa.ArrowInvalid:
+        f.seek(0)
+        file_reader = pa.ipc.open_file(f)
+        batches = (file_reader.get_batch(k) for k in range(file_reader.num_record_batches))
+        return batches, file_reader.schema.names
+    return iter(reader), reader.schema.names
 
 
 def sft_messages(obj: Any) -> list[dict[str, str]] | str:
