@@ -272,13 +272,14 @@ class Bench:
         )
 
     def prep_killed(self) -> None:
-        """Kill prep once its first shard is written; train must refuse the leftovers; a re-run
-        must equal the clean prep byte for byte."""
+        """Kill prep once its first bucket is written; train must refuse the leftovers; a re-run
+        must redo only the unfinished buckets and equal the clean prep byte for byte."""
         run = self.work / "prep-killed"
         proc = self.cli("prep", "-r", str(run))
-        self.wait("a first shard", lambda: any((run / "prep").glob("*/shard-*.parquet*")), timeout=120)
+        self.wait("a first bucket", lambda: any((run / "prep" / "buckets").glob("b*.json")), timeout=120)
         proc.kill()
         proc.wait()
+        finished = len(list((run / "prep" / "buckets").glob("b*.json")))
         refused = self.cli("train", "-r", str(run))
         _, err = refused.communicate(timeout=120)
         no_partial_read = refused.returncode == 2 and "manifest.json not found" in err
@@ -286,13 +287,19 @@ class Bench:
         clean = json.loads((self.data / "manifest.json").read_text())
         again = json.loads((run / "prep" / "manifest.json").read_text())
         same = [s["sha256"] for s in clean["shards"]] == [s["sha256"] for s in again["shards"]]
+        reused = again.get("buckets_reused", 0)
         self.rows.append(
             {
                 "fault": "prep killed mid-run, then re-run",
                 "survived": same and no_partial_read,
                 "steps_lost": None,
                 "data_lost": "none (shards byte-identical to a clean run)" if same else "DIFFERS",
-                "note": "train refused the leftovers (no manifest)" if no_partial_read else "READ LEFTOVERS",
+                "note": (
+                    f"train refused the leftovers (no manifest); the re-run kept {reused} of the "
+                    f"{finished} buckets finished before the kill, of {again.get('buckets')}"
+                    if no_partial_read
+                    else "READ LEFTOVERS"
+                ),
             }
         )
 

@@ -302,12 +302,14 @@ def test_fast_engine_disagreement_stops_prep(tmp_path: Path):
             "split": ["train", "train"],
             "copies": pa.array([1, 1], pa.int32()),
             "note": ["", ""],
+            "source": [0, 0],
+            "bucket": pa.array([3, 5], pa.int32()),
         }
     )
-    good = tokenize_batch(batch, tok_json, fast_spec(tok_json, "auto"), 50256, chunk=1, minhash_perm=0)
+    good = tokenize_batch(batch, tok_json, fast_spec(tok_json, "auto"), 50256, chunk=1)
     assert good.column("ids").to_pylist()[1][-1] == 50256
     with pytest.raises(DataError, match=r"tiktoken and the tokenizers library give different ids .*'the cat"):
-        tokenize_batch(batch, tok_json, broken, 50256, chunk=1, minhash_perm=0)
+        tokenize_batch(batch, tok_json, broken, 50256, chunk=1)
 
 
 def test_hf_tokenizer_loads_what_auto_tokenizer_loads(tmp_path: Path):
@@ -347,9 +349,11 @@ def test_prep_accounts_for_every_document_and_token(prepped):
         assert m["tokens_by_split"][split] == blocks.size + m["tokens_dropped_tail"][split]
         assert sum(s["rows"] for s in m["shards"] if s["split"] == split) == m["blocks"][split]
     assert m["tokens"] == sum(m["tokens_by_split"].values())
-    # Every kept document ends in EOS: the EOS count is the number of documents packed whole.
+    # Every kept document ends in EOS: the EOS count is the number of documents packed whole, all
+    # but those whose end fell in a split's final partial block (left out and counted).
     eos = sum(int((load_blocks(data_dir, s) == m["eos_id"]).sum()) for s in ("train", "val"))
-    assert m["documents_kept"] - 2 <= eos <= m["documents_kept"]
+    assert eos == m["documents_kept"] - sum(m["documents_cut_by_tail"].values())
+    assert sum(m["documents_cut_by_tail"].values()) <= 2 * prepped.data.seq_len
     summary = json.loads((data_dir / "summary.json").read_text())
     for key in ("documents_in", "documents_kept", "tokens", "blocks", "vocab_size", "tokens_per_second"):
         assert key in summary
@@ -452,7 +456,7 @@ def test_minhash_drops_near_duplicates(ray_cluster, tiny_corpus, tmp_path):
 
 def test_document_boundaries_as_position_ids(tmp_path):
     from rayllm.prep.pack import Packer, position_ids
-    from rayllm.rundir import ShardWriter
+    from rayllm.prep.shards import ShardWriter
 
     blocks = np.array([[5, 6, 0, 7, 8, 9], [1, 0, 0, 2, 3, 0]], dtype=np.int32)
     assert position_ids(blocks, eos_id=0).tolist() == [[0, 1, 2, 0, 1, 2], [0, 1, 0, 0, 1, 2]]
@@ -475,12 +479,13 @@ def test_a_bad_fine_tuning_example_fails_with_file_and_line_or_is_counted(tmp_pa
     assert [bool(d["reason"]) for d in kept] == [False, True]
 
 
-def test_a_killed_prep_leaves_nothing_train_reads_and_a_rerun_equals_a_clean_one(
+def test_a_killed_prep_leaves_nothing_train_reads_and_a_rerun_redoes_only_unfinished_buckets(
     ray_cluster, prepped, tiny_corpus, tmp_path
 ):
-    """What prep killed mid-run leaves (shards, a half-written ``.tmp``, no manifest): train refuses it
-    in one line, and a re-run replaces it with shards byte-identical to a clean prep's.
-    (`bench/bench_faults.py` kills a real prep process mid-run; this pins the states it can leave.)"""
+    """What prep killed mid-run leaves (some buckets' markers, a shard cut mid-write, no manifest):
+    train refuses it in one line, and a re-run redoes only the buckets without a sound marker and
+    ends byte-identical to a clean prep. (`bench/bench_faults.py` kills a real prep process mid-run;
+    this pins the states it can leave.)"""
     import json
     import os
     import subprocess
@@ -494,8 +499,13 @@ def test_a_killed_prep_leaves_nothing_train_reads_and_a_rerun_equals_a_clean_one
     prep(cfg)
     out = tmp_path / "prep"
     (out / "manifest.json").unlink()  # killed before the manifest: the last file prep writes
-    first = sorted((out / "train").glob("shard-*.parquet"))[0]
-    (out / "train" / "shard-00099.parquet.tmp").write_bytes(first.read_bytes()[:100])  # cut mid-write
+    (out / "buckets" / "complete.json").unlink()  # ... and before the last bucket
+    markers = sorted((out / "buckets").glob("b*.json"))
+    n_buckets = json.loads((out / "plan.json").read_text())["buckets"]
+    markers[0].unlink()  # a bucket killed after its shards, before its marker
+    first = sorted((out / "train").glob("b00001-*.parquet"))[0]
+    first.write_bytes(first.read_bytes()[:100])  # a shard that differs from its marker's sha256
+    (out / "train" / "b00002-00099.parquet.tmp").write_bytes(b"cut mid-write")
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     train = subprocess.run(
         [sys.executable, "-m", "rayllm", "train", "-r", str(tmp_path)],
@@ -508,5 +518,157 @@ def test_a_killed_prep_leaves_nothing_train_reads_and_a_rerun_equals_a_clean_one
     prep(cfg)
     clean = json.loads((Path(prepped.run_dir) / "prep" / "manifest.json").read_text())
     again = json.loads((out / "manifest.json").read_text())
+    assert again["buckets_reused"] == len(markers) - 2 and len(markers) <= n_buckets
     assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in clean["shards"]]
     assert not list(out.rglob("*.tmp"))
+    for key in ("documents_read", "documents_kept", "dropped", "tokens_by_split", "blocks", "sources"):
+        assert again[key] == clean[key], key
+    # A changed config starts afresh: nothing of the other plan is trusted.
+    prep(tiny_config(tmp_path, tiny_corpus, data__seq_len=48))
+    assert json.loads((out / "manifest.json").read_text())["buckets_reused"] == 0
+
+
+def test_shards_are_the_same_at_any_parallelism_and_binning(
+    ray_cluster, prepped, tiny_corpus, tmp_path, monkeypatch
+):
+    """One CPU and one bin of files, or every file its own bin at full parallelism: byte-identical
+    shards, because a bucket's output depends only on its documents."""
+    import ray.data
+
+    from rayllm.prep import stage
+    from rayllm.prep.stage import run as prep
+
+    clean = json.loads((Path(prepped.run_dir) / "prep" / "manifest.json").read_text())
+    ctx = ray.data.DataContext.get_current()
+    limits = ctx.execution_options.resource_limits
+    try:
+        ctx.execution_options.resource_limits = ray.data.ExecutionResources(cpu=1)
+        monkeypatch.setattr(stage, "_bins", lambda items: stage.file_bins(items, 1))
+        one = prep(tiny_config(tmp_path / "one", tiny_corpus))
+    finally:
+        ctx.execution_options.resource_limits = limits
+    monkeypatch.setattr(stage, "_bins", lambda items: stage.file_bins(items, len(items)))
+    prep(tiny_config(tmp_path / "many", tiny_corpus))
+    for run in ("one", "many"):
+        m = json.loads((tmp_path / run / "prep" / "manifest.json").read_text())
+        assert [s["sha256"] for s in m["shards"]] == [s["sha256"] for s in clean["shards"]], run
+        assert (m["documents_kept"], m["dropped"]) == (clean["documents_kept"], clean["dropped"])
+    assert one["buckets"] == clean["buckets"] >= 8
+
+
+def test_shards_are_the_same_on_a_3_node_cluster(prepped, tiny_corpus, tmp_path):
+    """Three simulated nodes of one CPU each (its own Ray, in its own process): the buckets spread
+    over the nodes and the shards equal the single-node run's."""
+    import os
+    import subprocess
+    import sys
+
+    script = Path(__file__).parent / "prep_cluster_scenario.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tiny_corpus), str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "RAYLLM_PROGRESS": "0"},
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith('{"sha256"')]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    got = json.loads(lines[-1])
+    clean = json.loads((Path(prepped.run_dir) / "prep" / "manifest.json").read_text())
+    assert got["sha256"] == [s["sha256"] for s in clean["shards"]]
+    assert got["nodes"] >= 2
+
+
+def test_source_weights_set_the_mix(ray_cluster, tiny_corpus, tmp_path):
+    """Weights repeat deduplicated documents: a whole weight repeats each exactly, a fraction keeps
+    that share of them (by hash); the manifest reports each source's share against its weight's."""
+    from rayllm.prep.stage import run as prep
+
+    cfg = tiny_config(
+        tmp_path,
+        tiny_corpus,
+        data__sources=[
+            {"path": str(tiny_corpus / "hamlet_gut.txt"), "weight": 2.0},
+            {"path": str(tiny_corpus / "macbeth_gut.txt"), "weight": 0.5},
+            {"path": str(tiny_corpus / "chinese.txt"), "weight": 3.0},
+        ],
+    )
+    prep(cfg)
+    m = json.loads((tmp_path / "prep" / "manifest.json").read_text())
+    hamlet, macbeth, chinese = m["sources"]
+    assert sum(s["tokens"] for s in m["sources"]) == m["tokens"]
+    assert sum(s["share"] for s in m["sources"]) == pytest.approx(1.0, abs=1e-5)
+    assert hamlet["tokens"] == 2 * hamlet["deduplicated_tokens"] > 0
+    assert chinese["tokens"] == 3 * chinese["deduplicated_tokens"] and chinese["documents"] == len(CHINESE)
+    # About half of macbeth's documents (by hash; a few hundred documents of very uneven length).
+    assert 0.35 < macbeth["tokens"] / macbeth["deduplicated_tokens"] < 0.65
+    assert m["dropped"]["downsampled"] > 0
+    for s in m["sources"]:
+        assert abs(s["share"] - s["weighted_share"]) < 0.05, s
+
+
+def test_max_docs_keeps_the_documents_of_smallest_key(ray_cluster, tiny_corpus, tmp_path):
+    from rayllm.prep.stage import run as prep
+
+    summary = prep(tiny_config(tmp_path, tiny_corpus, data__max_docs=300))
+    m = json.loads((tmp_path / "prep" / "manifest.json").read_text())
+    assert summary["documents_kept"] == 300
+    assert m["dropped"]["beyond_max_docs"] > 0
+    assert m["documents_read"] == m["documents_kept"] + sum(m["dropped"].values())
+
+
+# ---------------------------------------------------------------------------- Hugging Face datasets
+def _hf_datasets(root: Path) -> dict[str, Path]:
+    """The three layouts users keep datasets in, written by the datasets library itself."""
+    import datasets
+
+    rows = {"text": [f"{CHINESE[i % 4]} 第{i}段。Some English, too: line {i}." for i in range(120)]}
+    rows["id"] = list(range(120))
+    ds = datasets.Dataset.from_dict(rows)
+    paths = {"saved": root / "saved", "dict": root / "dict", "hub": root / "hub"}
+    ds.save_to_disk(str(paths["saved"]))
+    datasets.DatasetDict({"train": ds, "test": ds.select(range(10))}).save_to_disk(str(paths["dict"]))
+    (paths["hub"] / "data").mkdir(parents=True)
+    ds.to_parquet(str(paths["hub"] / "data" / "train-00000-of-00001.parquet"))
+    ds.select(range(5)).to_parquet(str(paths["hub"] / "data" / "test-00000-of-00001.parquet"))
+    return paths
+
+
+def test_hf_dataset_sources_read_every_layout_and_split(tmp_path: Path):
+    from rayllm.config import DataConfig
+    from rayllm.prep.sources import file_items
+
+    paths = _hf_datasets(tmp_path)
+    counts = {}
+    for name, split in (("saved", None), ("dict", None), ("dict", "test"), ("hub", None), ("hub", "test")):
+        cfg = DataConfig(sources=[{"path": str(paths[name]), "format": "hf", "split": split}])
+        items = file_items(cfg)
+        assert {it["format"] for it in items} <= {"arrow", "parquet"}
+        counts[(name, split)] = sum(len(docs(it)) for it in items)
+    assert counts == {
+        ("saved", None): 120,
+        ("dict", None): 120,
+        ("dict", "test"): 10,
+        ("hub", None): 120,
+        ("hub", "test"): 5,
+    }
+    with pytest.raises(
+        DataError, match=r"data.sources\[0\].path: .*dict has no split 'validation' \(splits: train, test\)"
+    ):
+        file_items(DataConfig(sources=[{"path": str(paths["dict"]), "format": "hf", "split": "validation"}]))
+    with pytest.raises(DataError, match=r"no column 'content' \(columns: text, id\)"):
+        items = file_items(
+            DataConfig(sources=[{"path": str(paths["hub"]), "format": "hf", "text_field": "content"}])
+        )
+        docs(items[0])
+
+
+def test_prep_from_a_hugging_face_dataset(ray_cluster, tmp_path):
+    from rayllm.prep.stage import run as prep
+
+    paths = _hf_datasets(tmp_path / "ds")
+    cfg = tiny_config(
+        tmp_path / "run", tmp_path, data__sources=[{"path": str(paths["dict"]), "format": "hf"}]
+    )
+    summary = prep(cfg)
+    assert summary["documents_in"] == 120 and summary["documents_kept"] == 120

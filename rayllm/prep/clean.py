@@ -21,7 +21,8 @@ from rayllm.config import CleanConfig
 # \r is folded into \n first.
 _CONTROL = r"[\x00-\x08\x0b-\x1f\x7f-\x9f\x{200b}\x{feff}]"
 _WORD = re.compile(r"\w+|\W+")
-# Signatures travel from Ray tasks to the driver as raw values; both sides must use one scheme.
+# MinHash signatures: permutations per document and the hash scheme (datasketch).
+MINHASH_PERM = 128
 MINHASH_SCHEME = "affine32"
 
 
@@ -103,18 +104,27 @@ def clean_batch(batch: pa.Table, cfg: CleanConfig, val_fraction: float) -> pa.Ta
             "split": pa.array(splits, type=pa.string()),
             "copies": pa.array(copies, type=pa.int32()),
             "note": batch.column("note"),
+            "source": batch.column("source"),
         }
     )
 
 
-def minhash_signatures(texts: list[str], num_perm: int = 128, ngram: int = 5) -> list[Any]:
+def minhash_signatures(texts: list[str], ngram: int = 5) -> list[Any]:
     """MinHash of character n-grams (datasketch): works for any script, Chinese included."""
     from datasketch import MinHash
 
     sigs = []
     for t in texts:
-        m = MinHash(num_perm=num_perm, seed=1, scheme=MINHASH_SCHEME)
+        m = MinHash(num_perm=MINHASH_PERM, seed=1, scheme=MINHASH_SCHEME)
         grams = {t[i : i + ngram] for i in range(max(1, len(t) - ngram + 1))}
         m.update_batch([g.encode("utf-8") for g in grams])
         sigs.append(m)
     return sigs
+
+
+def lsh_bands(threshold: float) -> tuple[int, int]:
+    """(bands, rows per band) that datasketch's ``MinHashLSH`` picks for this Jaccard threshold."""
+    from datasketch import MinHashLSH
+
+    lsh = MinHashLSH(threshold=threshold, num_perm=MINHASH_PERM)
+    return lsh.b, lsh.r

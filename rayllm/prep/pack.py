@@ -1,10 +1,9 @@
 """Packing: concatenate tokenized documents (each ending in EOS) into fixed-length blocks.
 
 Blocks are ``seq_len + 1`` tokens (inputs plus the shifted label) and cross document boundaries,
-so there is no padding. Packing is a single ordered stream, run in the driver on token arrays that
-Ray Data tokenized in parallel: cheap (numpy slicing) and the reason shards are byte-identical
-for the same input. Only the final partial block per split is left out, and it is reported.
-Where the blocks go and in which file format is ``rayllm.rundir``'s (``ShardWriter``).
+so there is no padding. Each prep bucket packs its own ordered documents (``take_tail`` hands back
+what does not fill a block), and one last pass packs the buckets' tails in bucket order; only its
+final partial block per split is left out, and reported. Shards are written by ``ShardWriter``.
 """
 
 from __future__ import annotations
@@ -58,14 +57,19 @@ class Packer:
             rest = buf[n_shards * shard_tokens :]
             self.pending, self.pending_tokens = [rest], len(rest)
 
-    def finish(self) -> int:
-        """Write the last (shorter) shard; return the tokens of the final partial block left out."""
+    def take_tail(self) -> np.ndarray:
+        """Write the full blocks still pending (a shorter last shard); return the tokens that do not
+        fill a block, for the tail pass."""
         buf = np.concatenate(self.pending) if self.pending else np.zeros(0, np.int32)
         full = len(buf) // self.block_len
         if full:
             self._write(buf[: full * self.block_len].reshape(full, self.block_len))
         self.pending, self.pending_tokens = [], 0
-        return len(buf) - full * self.block_len
+        return buf[full * self.block_len :]
+
+    def finish(self) -> int:
+        """``take_tail`` for the last packer of a split: the tokens of its partial block left out."""
+        return len(self.take_tail())
 
     def _write(self, blocks: np.ndarray) -> None:
         columns = {INPUT_IDS: blocks}
@@ -123,6 +127,15 @@ class ExamplePacker:
         self.writer.write({INPUT_IDS: ids, LOSS_MASK: masks, POSITION_IDS: positions})
         self.blocks += len(self.rows)
         self.rows = []
+
+    def take_tail(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Write the closed blocks still pending; return the examples of the open block, for the
+        tail pass (where they are packed with other buckets' instead of padded alone)."""
+        if self.rows:
+            self._write()
+        tail = list(zip(self.ids, self.masks, strict=True))
+        self.ids, self.masks, self.used = [], [], 0
+        return tail
 
     def finish(self) -> int:
         """Write what is left; returns 0 (no example is cut: the padding is counted apart)."""
