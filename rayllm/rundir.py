@@ -351,6 +351,12 @@ def latest_checkpoint_step(storage: str) -> int | None:
     return step if isinstance(step, int) else None
 
 
+def registered_steps(storage: str) -> set[int]:
+    """The steps of the checkpoints Ray Train has registered under ``storage`` (their reports say)."""
+    _, _, results = _checkpoint_results(storage)
+    return {r["metrics"]["step"] for r in results if isinstance((r.get("metrics") or {}).get("step"), int)}
+
+
 def write_checkpoint_state(d: Path, state: dict[str, Any]) -> None:
     (d / STATE_FILE).write_text(json.dumps(state), encoding="utf-8")
 

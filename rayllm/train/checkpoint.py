@@ -9,8 +9,11 @@ and the state file's format belong to ``rayllm.rundir``.
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import random
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,16 @@ import numpy as np
 import torch
 
 from rayllm.errors import RunDirError
-from rayllm.rundir import CKPT_TAG, read_checkpoint_state, rng_file, write_checkpoint_state, write_checksums
+from rayllm.rundir import (
+    CKPT_TAG,
+    read_checkpoint_state,
+    registered_steps,
+    rng_file,
+    write_checkpoint_state,
+    write_checksums,
+)
+
+log = logging.getLogger("rayllm.train")
 
 # Marker in DeepSpeed's client state that lets ds_to_universal reshard the checkpoint later.
 UNIVERSAL_INFO = "universal_checkpoint_info"
@@ -63,9 +75,9 @@ def select(latest: Any, registered: list[Any]) -> tuple[Any, TrainState, list[st
     )
 
 
-def save(engine: Any, state: TrainState, rank: int, hf_config: Any) -> None:
-    """Write this rank's shard, RNG streams and (rank 0) the state, then report it to Ray Train
-    with the state's ``reported`` figures."""
+def save(engine: Any, state: TrainState, rank: int, hf_config: Any, storage: str) -> None:
+    """Write this rank's shard, RNG streams and (rank 0) the state, report it to Ray Train with
+    the state's ``reported`` figures, and wait until Ray Train has registered it."""
     import ray.train
 
     with tempfile.TemporaryDirectory() as d:
@@ -77,6 +89,24 @@ def save(engine: Any, state: TrainState, rank: int, hf_config: Any) -> None:
             hf_config.save_pretrained(d)
         write_checksums(Path(d), rank)  # last: covers every file this rank wrote
         ray.train.report(dict(state.reported), checkpoint=ray.train.Checkpoint.from_directory(d))
+    wait_registered(storage, state.step)
+
+
+def wait_registered(storage: str, step: int) -> bool:
+    """Block until Ray Train lists the checkpoint of ``step`` as registered (its controller does so
+    when it next polls the workers, up to a health-check interval later). Without this a fault in
+    that interval (at today's CPU speed, 10-20 steps) restarts from the checkpoint before, losing
+    more than one checkpoint interval. Gives up, with a warning, after 10 intervals."""
+    interval = float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2"))
+    deadline = time.monotonic() + 10 * interval
+    while step not in registered_steps(storage):
+        if time.monotonic() > deadline:
+            log.warning(
+                "the checkpoint of step %d is not registered after %.0f s; training on", step, 10 * interval
+            )
+            return False
+        time.sleep(min(0.1, interval / 5))
+    return True
 
 
 def restore(engine: Any, ckpt: Any, saved: TrainState, rank: int, world: int) -> None:

@@ -78,6 +78,7 @@ class Worker:
         import ray.train
 
         self.cfg = RunConfig.model_validate(config["cfg"])
+        self.storage = config["storage"]
         self.manifest = Manifest.model_validate(config["manifest"])
         out_dir = Path(config["out_dir"])
         t = self.t = self.cfg.train
@@ -247,7 +248,7 @@ class Worker:
                     latest.update(metrics, step=s.step)
                     if s.step % t.checkpoint_every == 0 or s.step == end:
                         s.reported = dict(latest)
-                        checkpoint.save(self.engine, s, self.rank, self.hf_config)
+                        checkpoint.save(self.engine, s, self.rank, self.hf_config, self.storage)
                 if s.step >= end:
                     finished_epoch = False
                     break
