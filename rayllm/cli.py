@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -61,6 +62,39 @@ def _options(
     ] = False,
 ) -> None:
     VERBOSE["on"] = verbose
+    if not verbose and not isinstance(sys.stdout, WithoutRayNotices):
+        sys.stdout = WithoutRayNotices(sys.stdout)
+
+
+class WithoutRayNotices:
+    """stdout without the notices Ray's driver prints about its own internals (the raylet's
+    messages arrive on stdout, not through a logger); ``--verbose`` keeps them. Whole lines are
+    held until their newline, then passed on or dropped."""
+
+    NOTICES = (
+        # Serve's controller ends itself inside its graceful_shutdown task, on every serve.shutdown().
+        re.compile(r"^(\x1b\[[0-9;]*m)?\(raylet\)(\x1b\[0m)? Task ServeController\.graceful_shutdown failed"),
+    )
+
+    def __init__(self, stream: Any) -> None:
+        self._stream, self._line = stream, ""
+
+    def write(self, text: str) -> int:
+        self._line += text
+        *whole, self._line = self._line.split("\n")
+        kept = [line for line in whole if not any(n.match(line) for n in self.NOTICES)]
+        if kept:
+            self._stream.write("\n".join(kept) + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        if self._line and not any(n.match(self._line) for n in self.NOTICES):
+            self._stream.write(self._line)
+            self._line = ""
+        self._stream.flush()
+
+    def __getattr__(self, name: str) -> Any:  # isatty, fileno, encoding, ... of the real stream
+        return getattr(self._stream, name)
 
 
 def _load(config: list[str] | None, sets: list[str] | None, run_dir: str | None) -> RunConfig:

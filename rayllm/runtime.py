@@ -11,6 +11,7 @@ import importlib.util
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,8 @@ def init_ray(cfg: ClusterConfig, use_gpu: bool = False) -> bool:
         return False
     if not cfg.verbose:
         logging.getLogger("ray").setLevel(logging.ERROR)
+        # Ray's notices about its own internals (Ray Train sets a deprecated Ray Data option itself).
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray\.")
     origin = "cluster.address" if cfg.address else "$RAY_ADDRESS"
     address = cfg.address or os.environ.get("RAY_ADDRESS") or _running_head()
     if address == "local":

@@ -127,3 +127,29 @@ def test_settings_that_cannot_work_are_one_line_exit_2(tmp_path: Path, args: lis
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert re.search(message, lines[0]) and "Traceback" not in proc.stderr
+
+
+def test_stdout_drops_rays_own_notices_and_keeps_everything_else():
+    """Without --verbose the CLI's stdout drops the raylet's notice about Serve's shutdown, which Ray
+    prints (colored, in two writes) on every serve.shutdown(); other lines pass whole and in order."""
+    import io
+
+    from rayllm.cli import WithoutRayNotices
+
+    sink = io.StringIO()
+    quiet = WithoutRayNotices(sink)
+    print("train step 1/2 (50%)  loss 1.0000", file=quiet, flush=True)
+    print(
+        "\x1b[33m(raylet)\x1b[0m Task ServeController.graceful_shutdown failed. There are infinite retries "
+        "remaining, so the task will be retried. Error: The actor is dead because it was killed by "
+        "`ray.kill`.",
+        file=quiet,
+    )
+    quiet.write("partial ")
+    quiet.flush()
+    print("line, then 中文", file=quiet)
+    print("(raylet) A worker died or was killed while executing a task", file=quiet, flush=True)
+    assert sink.getvalue() == (
+        "train step 1/2 (50%)  loss 1.0000\npartial line, then 中文\n"
+        "(raylet) A worker died or was killed while executing a task\n"
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -85,6 +86,15 @@ def test_demo_then_run_skips_reruns_and_resumes(ray_cluster, tiny_corpus, tmp_pa
     events = [r for r in map(json.loads, metrics.read_text().splitlines()) if r.get("event") == "resume"]
     assert events[0]["step"] == 12 and events[-1]["step"] >= 30  # never back to step 0
     assert json.loads((tmp_path / "train" / "summary.json").read_text())["steps"] == 60
+    # Not a terminal: one plain progress line per logged step, from where the run resumed.
+    shown = [int(m) for m in re.findall(r"^train step (\d+)/60 \(\d+%\)  loss ", resumed.stdout, re.M)]
+    assert shown and shown[0] > events[-1]["step"] and shown[-1] == 60, resumed.stdout
+    assert re.search(
+        r"^train step 60/60 \(100%\)  loss \d+\.\d{4}  val \d+\.\d{4}  [\d,]+ tok/s", resumed.stdout, re.M
+    ), resumed.stdout
+    # and nothing from Ray's internals: warnings, its loggers' INFO lines, the raylet's notices.
+    for noise in (r"Warning:", r"^INFO ", r"^\[\d{4}-\d\d-\d\d [\d:,]+ [IW] ", r"\(raylet\)", r"\(pid=\d+\)"):
+        assert not re.search(noise, resumed.stdout + resumed.stderr, re.M), (noise, resumed.stderr)
     assert RunDir.of(cfg).run_state()["eval"]["status"] == "done"
 
 

@@ -15,6 +15,7 @@ from typing import Any
 from rayllm.config import RunConfig
 from rayllm.errors import ConfigError, RunDirError
 from rayllm.model.build import context_length, model_config
+from rayllm.progress import FollowMetrics
 from rayllm.rundir import (
     METRICS,
     TENSORBOARD,
@@ -152,7 +153,7 @@ def run(cfg: RunConfig, splits: dict[str, Any] | None = None) -> dict[str, Any]:
     t0 = time.time()
     ckpt, error = finished_checkpoint(rd, t.end_step), None
     if ckpt is None:
-        with ray_session(cfg.cluster, use_gpu=t.use_gpu):
+        with ray_session(cfg.cluster, use_gpu=t.use_gpu), FollowMetrics(out / METRICS, t.end_step, "train"):
             result = trainer(cfg, out, splits).fit()
         ckpt, error = result.checkpoint, result.error
     seconds = time.time() - t0
