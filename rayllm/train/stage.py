@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -153,7 +154,9 @@ def run(cfg: RunConfig, splits: dict[str, Any] | None = None) -> dict[str, Any]:
     t0 = time.time()
     ckpt, error = finished_checkpoint(rd, t.end_step), None
     if ckpt is None:
-        with ray_session(cfg.cluster, use_gpu=t.use_gpu), FollowMetrics(out / METRICS, t.end_step, "train"):
+        # A tune trial (splits given) runs in a Tune actor: its search reports the trials instead.
+        watch = FollowMetrics(out / METRICS, t.end_step, "train") if splits is None else nullcontext()
+        with ray_session(cfg.cluster, use_gpu=t.use_gpu), watch:
             result = trainer(cfg, out, splits).fit()
         ckpt, error = result.checkpoint, result.error
     seconds = time.time() - t0
