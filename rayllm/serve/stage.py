@@ -45,14 +45,14 @@ def start(cfg: RunConfig) -> str:
     """
     from ray import serve as ray_serve
 
+    if not cfg.cluster.verbose:  # importing Serve set its logger to INFO
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
     s = cfg.serve
     model_dir = resolve_model_dir(s, cfg.run_dir)
     keys = api_keys(s)
     check_exposure(s, keys)  # before Ray starts: a refusal costs nothing
     init_ray(cfg.cluster, use_gpu=s.gpus_per_replica > 0)
     ray_serve.start(http_options={"host": s.host, "port": s.port})
-    if not cfg.cluster.verbose:  # Serve sets its logger to INFO when it starts
-        logging.getLogger("ray.serve").setLevel(logging.WARNING)
     client_host = "127.0.0.1" if s.host in ("0.0.0.0", "::", "") else s.host
     url = f"http://{client_host}:{s.port}"
     try:
