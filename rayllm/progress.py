@@ -47,8 +47,8 @@ def eta(seconds: float | None) -> str:
 class FollowMetrics:
     """Follows ``path`` (appended jsonl) while a stage of ``total`` steps runs; a context manager.
 
-    Lines already in the file when it starts (a resumed run's earlier steps) are skipped; the
-    step count continues from the newest of them.
+    Lines already in the file when it starts (a resumed run's earlier steps) are not shown again;
+    the time left is estimated from the steps this run has made.
     """
 
     def __init__(self, path: Path, total: int, label: str, console: Console | None = None) -> None:
@@ -56,7 +56,7 @@ class FollowMetrics:
         self.console = console or Console(stderr=True)
         self.live = self.console.is_terminal
         self.offset = path.stat().st_size if path.is_file() else 0
-        self.step, self.last_val = 0, None
+        self.last_val: float | None = None
         self.started: tuple[float, int] | None = None  # (time, step) of the first record seen
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._follow, name=f"rayllm-progress-{label}", daemon=True)
@@ -83,9 +83,13 @@ class FollowMetrics:
     ) -> None:
         self._stop.set()
         self._thread.join()
-        self._read()  # the last lines, written just before the stage returned
-        if self._progress is not None:
-            self._progress.stop()
+        try:
+            self._read()  # the last lines, written just before the stage returned
+        except OSError:
+            pass  # a display never hides how the stage itself ended
+        finally:
+            if self._progress is not None:
+                self._progress.stop()
 
     def _follow(self) -> None:
         while not self._stop.wait(POLL_S):
@@ -119,7 +123,6 @@ class FollowMetrics:
         now = float(record.get("time", time.time()))  # when rank 0 wrote it, not when it was read
         if self.started is None or step < self.started[1]:  # first record, or a restart from a checkpoint
             self.started = (now, step)
-        self.step = step
         figures = describe(record, self.last_val)
         if self._progress is not None:
             self._progress.update(self._task, completed=step, figures=figures)
