@@ -362,3 +362,29 @@ def test_hung_worker_fails_the_collective_within_the_timeout(ray_cluster, preppe
     resume = [r for r in metrics(run) if r.get("event") == "resume"]
     assert len(resume) == 1 and resume[0]["step"] % 20 == 0 and result["steps"] == 300
     assert resume[0]["time"] - stopped < 10 + 60  # the timeout, then a restart of the worker group
+
+
+def test_a_saved_checkpoint_waits_until_ray_train_has_registered_it(tmp_path, monkeypatch, caplog):
+    """A rank goes on only once Ray Train's snapshot lists its step (else a fault in the next poll
+    interval loses more than one checkpoint interval); never registered, it warns and goes on."""
+    from rayllm.rundir import TRAIN_RUN
+    from rayllm.train.checkpoint import wait_registered
+
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    snapshot = tmp_path / TRAIN_RUN / "checkpoint_manager_snapshot.json"
+    snapshot.parent.mkdir()
+
+    def register(steps: list[int]) -> None:
+        results = [{"checkpoint_dir_name": f"checkpoint_{s}", "metrics": {"step": s}} for s in steps]
+        snapshot.write_text(json.dumps({"checkpoint_results": results}))
+
+    register([25])
+    later = threading.Timer(0.5, register, args=([25, 50],))  # the controller's next poll
+    later.start()
+    t0 = time.monotonic()
+    assert wait_registered(str(tmp_path), 50) is True
+    assert 0.4 < time.monotonic() - t0 < 1.9
+    t0 = time.monotonic()
+    assert wait_registered(str(tmp_path), 75) is False  # 10 intervals of 0.2 s, then on
+    assert 1.9 < time.monotonic() - t0 < 3.0
+    assert "the checkpoint of step 75 is not registered after 2 s" in caplog.text
