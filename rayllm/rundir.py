@@ -329,7 +329,11 @@ def _checkpoint_results(storage: str) -> tuple[Any, str, list[dict[str, Any]]]:
     if fs.get_file_info(snapshot).type == pafs.FileType.NotFound:
         return fs, root, []
     with fs.open_input_stream(snapshot) as f:
-        return fs, root, json.loads(f.read()).get("checkpoint_results") or []
+        raw = f.read()
+    try:
+        return fs, root, json.loads(raw).get("checkpoint_results") or []
+    except json.JSONDecodeError as e:
+        raise RunDirError(f"{snapshot}: unreadable Ray Train checkpoint snapshot ({e.msg})") from None
 
 
 def registered_checkpoints(storage: str) -> list[Any]:
@@ -352,8 +356,13 @@ def latest_checkpoint_step(storage: str) -> int | None:
 
 
 def registered_steps(storage: str) -> set[int]:
-    """The steps of the checkpoints Ray Train has registered under ``storage`` (their reports say)."""
-    _, _, results = _checkpoint_results(storage)
+    """The steps of the checkpoints Ray Train has registered under ``storage`` (their reports say).
+    Meant for polling during a run: Ray Train rewrites its snapshot in place, so a half-written
+    one reads as nothing registered yet."""
+    try:
+        _, _, results = _checkpoint_results(storage)
+    except RunDirError:
+        return set()
     return {r["metrics"]["step"] for r in results if isinstance((r.get("metrics") or {}).get("step"), int)}
 
 

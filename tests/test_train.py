@@ -378,7 +378,8 @@ def test_a_saved_checkpoint_waits_until_ray_train_has_registered_it(tmp_path, mo
         results = [{"checkpoint_dir_name": f"checkpoint_{s}", "metrics": {"step": s}} for s in steps]
         snapshot.write_text(json.dumps({"checkpoint_results": results}))
 
-    register([25])
+    # Ray Train rewrites the snapshot in place, so a poll can read it half-written (CI did)
+    snapshot.write_text('{"checkpoint_results": [')
     later = threading.Timer(0.5, register, args=([25, 50],))  # the controller's next poll
     later.start()
     t0 = time.monotonic()
