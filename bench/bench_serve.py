@@ -1,13 +1,17 @@
-"""Serve benchmark: rayllm's Ray Serve app against a naive one-request-at-a-time server, same model, same run.
+"""Serve benchmark: `rayllm serve` (Ray Serve LLM over vLLM) against vLLM's in-process ceiling and a
+naive server, same model, same run.
 
-The naive server is what a first attempt looks like: FastAPI + ``model.generate`` under a lock,
-streamed with ``TextIteratorStreamer``, run by uvicorn in a subprocess. Both get the same load from
-this process (asyncio + httpx, only 127.0.0.1): ``--clients`` concurrent streaming clients with fixed
-prompts and output lengths, bounded by ``--requests`` and ``--time-limit``, plus ``--malformed`` bad
-requests mixed in, of which none may get a 5xx. Both servers run torch on ``--threads`` threads.
+The baseline is vLLM's offline ``LLM.generate`` on the same prompts, sampling settings and batch
+size in one process (no HTTP, no Serve): what the engine does alone. The server has to keep at least
+``TARGET`` of it over HTTP. The naive server is what a first attempt looks like (FastAPI +
+``model.generate`` under a lock, streamed with ``TextIteratorStreamer``), reported for scale. The two
+servers get the same load from this process (asyncio + httpx, only 127.0.0.1): ``--clients``
+concurrent streaming clients with fixed prompts and output lengths, bounded by ``--requests`` and
+``--time-limit``, plus ``--malformed`` bad requests mixed in, of which none may get a 5xx. Each
+contestant computes on ``--threads`` cores (torch threads; vLLM's OpenMP threads bound to them).
 
 Prints progress to stderr and ends with ONE line of JSON on stdout: tokens/s, p50/p99 latency and
-time to first token per server, ``ratio`` (ours / naive tokens/s) and ``target``.
+time to first token per server, ``ratio`` (ours / offline vLLM tokens/s) and ``target``.
 
     python bench/bench_serve.py                       # a small random GPT-2-shaped model, a few minutes
     python bench/bench_serve.py --model-dir runs/x/train/export
@@ -37,7 +41,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
 ROOT = Path(__file__).resolve().parent.parent
-TARGET = 4.0
+TARGET = 0.8
 PROMPTS = [
     "The old man looked out over the sea and said",
     "Once upon a time, in a kingdom far away, there lived",
@@ -70,6 +74,7 @@ class NaiveRequest(BaseModel):
     seed: int = 0
     ignore_eos: bool = False
     stream: bool = False
+    stream_options: dict[str, bool] | None = None  # usage is always sent
 
 
 def naive_server(model_dir: str, port: int, threads: int) -> None:
@@ -200,6 +205,7 @@ async def run_load(url: str, args: argparse.Namespace) -> dict[str, Any]:
                     "seed": i,
                     "ignore_eos": True,
                     "stream": True,
+                    "stream_options": {"include_usage": True},
                 }
                 try:
                     results.append(await one_request(c, body))
@@ -257,9 +263,8 @@ def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 120
 
 async def warm_up(url: str, max_tokens: int) -> None:
     async with httpx.AsyncClient(base_url=url, timeout=120, trust_env=False) as c:
-        await one_request(
-            c, {"prompt": PROMPTS[0], "max_tokens": max_tokens, "stream": True, "ignore_eos": True}
-        )
+        body = {"prompt": PROMPTS[0], "max_tokens": max_tokens, "stream": True, "ignore_eos": True}
+        await one_request(c, {**body, "stream_options": {"include_usage": True}})
 
 
 # --------------------------------------------------------------------------------------- phases
@@ -297,10 +302,14 @@ def bench_ours(model_dir: str, run_dir: str, args: argparse.Namespace) -> dict[s
                 "model_dir": model_dir,
                 "port": free_port(),
                 "max_batch": args.clients,
-                "batch_wait_ms": 5,
                 "cpus_per_replica": args.threads,
             },
-            "cluster": {"num_cpus": os.cpu_count() or 2, "object_store_gb": 0.3, "dashboard": False},
+            "cluster": {
+                "num_cpus": os.cpu_count() or 2,
+                "object_store_gb": 0.3,
+                "dashboard": False,
+                "env_vars": {"VLLM_CPU_OMP_THREADS_BIND": cores(args.threads)},
+            },
         }
     )
     try:
@@ -313,6 +322,49 @@ def bench_ours(model_dir: str, run_dir: str, args: argparse.Namespace) -> dict[s
             rayllm_serve.shutdown()
         finally:
             ray.shutdown()
+
+
+def cores(threads: int) -> str:
+    """vLLM's CPU thread binding for ``threads`` cores (the last ones: Ray's own processes start on 0)."""
+    n = os.cpu_count() or 1
+    return f"{n - threads}-{n - 1}"
+
+
+def offline(model_dir: str, args: argparse.Namespace) -> None:
+    """vLLM alone, in this process: the same prompts, sampling and batch size as the servers' load."""
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(
+        model=model_dir,
+        dtype="float32",
+        enforce_eager=True,
+        max_num_seqs=args.clients,
+        kv_cache_memory_bytes=1 << 30,
+        seed=0,
+    )
+    n = args.requests
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
+    params = [
+        SamplingParams(temperature=0.8, seed=i, max_tokens=args.max_tokens, ignore_eos=True) for i in range(n)
+    ]
+    llm.generate(prompts[:4], params[:4], use_tqdm=False)  # warm-up, as the servers get one
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    wall = time.perf_counter() - start
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    print(json.dumps({"requests": n, "generated_tokens": tokens, "wall_s": round(wall, 2),
+                      "tokens_per_s": round(tokens / wall, 1)}))  # fmt: skip
+
+
+def bench_offline(model_dir: str, args: argparse.Namespace) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--offline", "--model-dir", model_dir, "--threads", str(args.threads)]
+    cmd += ["--clients", str(args.clients), "--requests", str(args.requests)]
+    cmd += ["--max-tokens", str(args.max_tokens)]
+    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": cores(args.threads), "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    if done.returncode != 0:
+        raise RuntimeError(f"offline vLLM failed: {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def default_model(folder: Path) -> tuple[str, str]:
@@ -334,10 +386,14 @@ def main() -> None:
     p.add_argument("--malformed", type=int, default=200, help="bad requests mixed into each server's load")
     p.add_argument("--threads", type=int, default=1, help="torch threads (and CPUs) per server")
     p.add_argument("--naive-server", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--offline", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.naive_server:
         naive_server(args.model_dir, args.port, args.threads)
+        return
+    if args.offline:
+        offline(args.model_dir, args)
         return
 
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
@@ -346,11 +402,13 @@ def main() -> None:
         else:
             model_dir, name = default_model(Path(tmp) / "model")
         log(f"model {name}: {args.clients} clients, {args.requests} x {args.max_tokens} tokens per server")
+        ceiling = bench_offline(model_dir, args)
+        log(f"offline vLLM: {ceiling}")
         naive = bench_naive(model_dir, args)
         log(f"naive: {naive}")
         ours = bench_ours(model_dir, str(Path(tmp) / "run"), args)
         log(f"ours: {ours}")
-    ratio = ours["tokens_per_s"] / naive["tokens_per_s"] if naive["tokens_per_s"] else float("inf")
+    ratio = ours["tokens_per_s"] / ceiling["tokens_per_s"]
     figures = {
         "bench": "serve",
         "model": name,
@@ -358,7 +416,9 @@ def main() -> None:
         "max_tokens": args.max_tokens,
         "threads_per_server": args.threads,
         "ours": ours,
+        "offline_vllm": ceiling,
         "naive": naive,
+        "vs_naive": round(ours["tokens_per_s"] / naive["tokens_per_s"], 2) if naive["tokens_per_s"] else None,
         "malformed_per_server": args.malformed,
         "malformed_5xx": ours["malformed_5xx"],
         "ratio": round(ratio, 2),

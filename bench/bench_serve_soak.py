@@ -39,7 +39,9 @@ def replica_rss_mb() -> float:
 
     actors = list_actors(filters=[("state", "=", "ALIVE")])
     pids = [a.pid for a in actors if "LLMServer" in a.class_name]
-    return sum(psutil.Process(p).memory_info().rss for p in pids) / 2**20
+    procs = [psutil.Process(p) for p in pids]
+    procs += [c for p in procs for c in p.children(recursive=True)]  # vLLM's engine-core process
+    return sum(p.memory_info().rss for p in procs) / 2**20
 
 
 def good_request(i: int) -> tuple[str, dict[str, Any]]:
@@ -172,7 +174,7 @@ def main() -> None:
                 "rss_start_mb": rss0,
                 "rss_end_mb": rss1,
                 "rss_growth": round(rss1 / rss0 - 1, 4),
-                "engine": {k: health[k] for k in ("requests", "generated_tokens", "cancelled")},
+                "ingress": {k: health[k] for k in ("requests", "rejected", "timed_out")},
                 "ratio": round(served / max(sent, 1), 4),
                 "target": 1.0,
             }

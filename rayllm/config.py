@@ -628,7 +628,7 @@ class ReplicaConfig(Strict):
 
 
 class ServeConfig(Strict):
-    """serve (Ray Serve): the OpenAI-compatible HTTP server, its batching, limits and API keys."""
+    """serve (Ray Serve LLM over vLLM): the OpenAI-compatible HTTP server, its engine, limits and keys."""
 
     model_dir: LocalPath | None = Field(None, description="default: the run's exported model")
     model_name: str | None = Field(None, description="id clients send; default: the folder name")
@@ -638,13 +638,25 @@ class ServeConfig(Strict):
     cpus_per_replica: PositiveFloat = Field(1.0, description="CPUs each replica reserves")
     gpus_per_replica: Annotated[float, Field(ge=0)] = Field(0.0, description="GPUs each replica reserves")
     max_batch: PositiveInt = Field(
-        16, description="sequences one replica decodes together (rows of its running KV-cache batch)"
-    )
-    batch_wait_ms: Annotated[float, Field(ge=0)] = Field(
-        10.0, description="how long a new request waits for others to share its prefill"
+        16, description="sequences one replica's vLLM engine runs together (its max_num_seqs)"
     )
     max_queue: NonNegInt = Field(
-        64, description="requests waiting for a decode slot per replica; beyond that HTTP 429 + Retry-After"
+        64,
+        description="requests waiting for a slot per replica; past replicas.max x (max_batch + max_queue) "
+        "requests in flight, HTTP 429 + Retry-After",
+    )
+    max_model_len: PositiveInt | None = Field(
+        None, description="longest prompt plus completion in tokens; default: the model's context"
+    )
+    enforce_eager: bool | None = Field(
+        None,
+        description="run vLLM without compiled graphs; default: eager on CPUs (compiling costs 1-2 "
+        "minutes a replica start there), CUDA graphs on GPUs",
+    )
+    kv_cache_gb: PositiveFloat | None = Field(
+        None,
+        description="memory for vLLM's KV cache per replica; default: 1 GiB on CPUs, on GPUs what "
+        "vLLM's gpu_memory_utilization leaves",
     )
     request_timeout_s: PositiveFloat = Field(
         300.0, description="a request still generating after this long is cut off (504, or an error event)"
@@ -665,7 +677,7 @@ class ServeConfig(Strict):
     default_max_tokens: PositiveInt = Field(64, description="max_tokens when a request leaves it out")
     max_body_bytes: PositiveInt = Field(1_000_000, description="larger request bodies get HTTP 413")
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="weights' precision; auto: bf16 (fp16) on GPUs, fp32 on CPUs"
+        "auto", description="weights' precision; auto: the model's own on GPUs, fp32 on CPUs"
     )
 
     @field_validator("api_keys")

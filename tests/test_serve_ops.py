@@ -1,5 +1,7 @@
-"""Serve operations against a real local Ray Serve on 127.0.0.1: autoscaling under load, API keys,
-the bounded queue, disconnects and timeouts."""
+"""Serve operations against a real local Ray Serve LLM (vLLM) on 127.0.0.1: autoscaling under load,
+API keys, the bounded queue, disconnects and timeouts. One server, with keys, one slot, a queue of
+one and a short timeout, serves every default test here (a vLLM replica takes about a minute to start
+on 2 cores)."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from rayllm.config import RunConfig
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_gpt2(tmp_path_factory.mktemp("ops") / "tiny-gpt2", n_positions=512)
+    return make_tiny_gpt2(tmp_path_factory.mktemp("ops") / "tiny-gpt2", n_positions=4096)
 
 
 @pytest.fixture
@@ -45,13 +47,13 @@ def _running_replicas() -> int:
     from ray import serve
 
     app = serve.status().applications["rayllm"]
-    return app.deployments["LLMServer"].replica_states.get("RUNNING", 0)
+    return app.deployments["LLMServer:tiny-gpt2"].replica_states.get("RUNNING", 0)
 
 
 @pytest.mark.slow
 def test_replicas_scale_up_under_load_and_back_down(start_server: Any) -> None:
     url = start_server(
-        cpus_per_replica=0.5,
+        cpus_per_replica=1,
         max_batch=2,
         replicas={
             "min": 1,
@@ -88,13 +90,47 @@ def test_replicas_scale_up_under_load_and_back_down(start_server: Any) -> None:
         time.sleep(0.5)
 
 
+KEY = "first-key"
+TIMEOUT_S = 8.0
+
+
+@pytest.fixture(scope="module")
+def guarded(ray_cluster: Any, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
+    """(url, run_dir) of a server with two keys (config and file), one slot, a queue of one and a
+    short timeout; shut down even if a test fails."""
+    from rayllm.serve import stage
+
+    run_dir = tmp_path_factory.mktemp("guarded")
+    key_file = run_dir / "keys"
+    key_file.write_text("# one key per line\nsecond-key\n")
+    serve = {
+        "model_dir": str(model_dir),
+        "port": free_port(),
+        "api_keys": [KEY],
+        "api_keys_file": str(key_file),
+        "max_batch": 1,
+        "max_queue": 1,
+        "request_timeout_s": TIMEOUT_S,
+        "max_tokens_limit": 4000,
+    }
+    try:
+        yield stage.start(RunConfig.model_validate({"run_dir": str(run_dir), "serve": serve})), run_dir
+    finally:
+        stage.shutdown()
+
+
+@pytest.fixture
+def http(guarded: tuple) -> Iterator[httpx.Client]:
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with httpx.Client(base_url=guarded[0], timeout=60, trust_env=False, headers=headers) as c:
+        yield c
+
+
 # ------------------------------------------------------------------------------------------- auth
-def test_api_keys_are_required_and_health_stays_open(start_server: Any, tmp_path: Path) -> None:
+def test_api_keys_are_required_and_health_stays_open(guarded: tuple) -> None:
     import openai
 
-    key_file = tmp_path / "keys"
-    key_file.write_text("# one key per line\nsecond-key\n")
-    url = start_server(api_keys=["first-key"], api_keys_file=str(key_file))
+    url, run_dir = guarded
     with httpx.Client(base_url=url, timeout=30, trust_env=False) as c:
         missing = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})
         wrong = c.get("/v1/models", headers={"Authorization": "Bearer nope"})
@@ -103,13 +139,13 @@ def test_api_keys_are_required_and_health_stays_open(start_server: Any, tmp_path
             assert r.json()["error"]["code"] == "invalid_api_key" and r.json()["error"]["message"]
         assert "missing API key" in missing.json()["error"]["message"]
         assert c.get("/health").status_code == 200
-    for key in ("first-key", "second-key"):
+    for key in (KEY, "second-key"):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
         assert client.completions.create(model="tiny-gpt2", prompt="hi", max_tokens=2).usage.completion_tokens
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{url}/v1", api_key="stolen", max_retries=0).models.list()
-    saved = (tmp_path / "serve" / "config.yaml").read_text()
-    assert "first-key" not in saved and "second-key" not in saved
+    saved = (run_dir / "serve" / "config.yaml").read_text()
+    assert KEY not in saved and "second-key" not in saved
 
 
 def test_network_address_without_keys_refuses_to_start(model_dir: Path, tmp_path: Path, monkeypatch) -> None:
@@ -153,64 +189,56 @@ def _wait(predicate: Any, what: str, timeout: float = 30) -> float:
     return time.monotonic() - t0
 
 
-def test_queue_bound_disconnects_and_timeouts(start_server: Any) -> None:
-    url = start_server(max_batch=1, max_queue=1, batch_wait_ms=0)
-    long = {"prompt": "x", "max_tokens": 400, "ignore_eos": True, "stream": True}
-    with httpx.Client(base_url=url, timeout=60, trust_env=False) as c:
-        health = lambda: c.get("/health").json()  # noqa: E731
-
-        def hold(stream_cm: Any) -> Any:
-            r = stream_cm.__enter__()
-            assert r.status_code == 200
-            return r
-
-        # One request decodes in the only row, one waits in the queue: the next one is refused.
-        running = c.stream("POST", "/v1/completions", json=long)
-        hold(running)
-        _wait(lambda: health()["active"] == 1, "the first request never started")
-        waiting = c.stream("POST", "/v1/completions", json=long)
-        hold(waiting)
-        _wait(lambda: health()["pending"] == 1, "the second request never queued")
-        refused = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})
-        assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
-        assert refused.json()["error"]["type"] == "rate_limit_error"
-        # A client that hangs up frees its slot at once: the waiting request takes the row.
-        cancelled = health()["cancelled"]
-        running.__exit__(None, None, None)
-        took = _wait(lambda: health()["cancelled"] > cancelled, "the row was not freed", timeout=5)
-        assert took < 3
-        _wait(
-            lambda: health()["active"] == 1 and health()["pending"] == 0, "the queued request did not start"
-        )
-        waiting.__exit__(None, None, None)
-        _wait(lambda: health()["active"] == 0, "rows still busy after both clients left", timeout=5)
-
-        # A non-streaming client that hangs up while its request decodes is cancelled too. A raw
-        # socket, so the hang-up comes once the request is in a batch row, not before it arrives.
-        before = health()["cancelled"]
-        body = json.dumps({**long, "stream": False, "max_tokens": 480, "n": 4}).encode()
-        host, port = url.removeprefix("http://").split(":")
-        with socket.create_connection((host, int(port)), timeout=10) as sock:
-            head = f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-            sock.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
-            _wait(lambda: health()["active"] == 1, "the non-streaming request never started")
-        _wait(lambda: health()["cancelled"] > before, "an abandoned request kept decoding", timeout=5)
-        _wait(lambda: health()["active"] == 0 and health()["pending"] == 0, "its rows stayed busy", timeout=5)
-
-        assert health()["status"] == "ok"
+def test_queue_bound_and_disconnects(guarded: tuple, http: httpx.Client) -> None:
+    """One request runs and one waits; the next is refused at once with 429 and Retry-After; a
+    client that hangs up gives its place back at once."""
+    host, port = guarded[0].removeprefix("http://").split(":")
+    body = json.dumps({"prompt": "x", "max_tokens": 4000, "ignore_eos": True, "stream": True}).encode()
+    active = lambda: http.get("/health").json()["active"]  # noqa: E731
+    rejected = http.get("/health").json()["rejected"]
+    socks = []
+    try:
+        for _ in range(2):  # raw sockets: sent, never read, hung up when the test says
+            sock = socket.create_connection((host, int(port)), timeout=10)
+            head = f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
+            sock.sendall(
+                f"{head}Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+            )
+            socks.append(sock)
+        _wait(lambda: active() == 2, "the two requests were not both admitted", timeout=5)
+        assert socks[0].recv(64).startswith(b"HTTP/1.1 200")  # the first one is streaming
+        refused = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})
+        assert refused.status_code == 429 and refused.headers["retry-after"] == "1", refused.text
+        assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+        assert http.get("/health").json()["rejected"] == rejected + 1
+        socks.pop(0).close()
+        assert _wait(lambda: active() == 1, "a hung-up request kept its place", timeout=3) < 3
+    finally:
+        for sock in socks:
+            sock.close()
+    _wait(lambda: active() == 0, "a hung-up queued request kept its place", timeout=TIMEOUT_S + 3)
+    ok = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, "ignore_eos": True})
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
 
 
-def test_requests_past_the_timeout_end_with_an_openai_error(start_server: Any) -> None:
-    url = start_server(request_timeout_s=0.25)
-    # 8 x 480 tokens take well over a second on any CPU; the timeout is a quarter of one.
-    slow = {"prompt": "x", "max_tokens": 480, "n": 8, "ignore_eos": True}
-    with httpx.Client(base_url=url, timeout=60, trust_env=False) as c:
-        cut = c.post("/v1/completions", json=slow)
-        assert cut.status_code == 504 and cut.json()["error"]["code"] == "timeout", cut.text
-        events = [
-            ln for ln in c.post("/v1/completions", json={**slow, "stream": True}).text.splitlines() if ln
-        ]
-        assert '"code": "timeout"' in events[-2] and events[-1] == "data: [DONE]"
-        _wait(lambda: c.get("/health").json()["active"] == 0, "timed-out sequences kept decoding", timeout=5)
-        ok = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
+def test_requests_past_the_timeout_end_with_an_openai_error(http: httpx.Client) -> None:
+    """A stream past the timeout ends with an error event and [DONE], a plain request gets 504, and
+    neither keeps the engine busy afterwards."""
+    # 4,000 tokens take well over the timeout on any CPU (about 4 ms a token here).
+    slow = {"prompt": "x", "max_tokens": 4000, "ignore_eos": True}
+    timed_out = http.get("/health").json()["timed_out"]
+    for stream in (True, False):
+        t0 = time.monotonic()
+        r = http.post("/v1/completions", json={**slow, "stream": stream})
+        assert time.monotonic() - t0 < TIMEOUT_S + 2
+        if stream:
+            events = [ln for ln in r.text.splitlines() if ln]
+            assert r.status_code == 200 and len(events) > 2, r.text[:300]
+            assert '"code": "request_timeout"' in events[-2] and events[-1] == "data: [DONE]"
+        else:
+            assert r.status_code == 504 and r.json()["error"]["code"] == "request_timeout", r.text[:300]
+        t0 = time.monotonic()  # the cut-off sequences left the engine: a new request runs at once
+        ok = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] <= 2
+        assert time.monotonic() - t0 < TIMEOUT_S / 2, (stream, time.monotonic() - t0)
+    assert http.get("/health").json()["timed_out"] == timed_out + 2

@@ -1,3 +1,3 @@
-"""serve (Ray Serve): engine.py (continuous-batching decode), openai.py (the OpenAI protocol: request
-schemas and response shapes), http.py (FastAPI routes, limits, error mapping), deployment.py (the
-Serve deployment and application), stage.py (``run``, ``start``, ``shutdown``)."""
+"""serve (Ray Serve LLM over vLLM): deployment.py (the vLLM deployment and rayllm's ingress over
+Ray's OpenAI routes), http.py (keys, limits, queue bound, timeout, OpenAI error format),
+stage.py (``run``, ``start``, ``shutdown``)."""

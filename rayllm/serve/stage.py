@@ -9,6 +9,7 @@ Serve application itself, for ``serve run`` / ``serve deploy`` and Serve config 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import signal
 import threading
@@ -23,18 +24,11 @@ from rayllm.config import RunConfig
 from rayllm.errors import RayllmError
 from rayllm.rundir import RunDir
 from rayllm.runtime import init_ray, ray_session
-from rayllm.serve.deployment import (
-    APP_NAME,
-    api_keys,
-    build_app,
-    check_exposure,
-    model_name,
-    resolve_model_dir,
-)
 
 log = logging.getLogger("rayllm.serve")
 
-READY_TIMEOUT_S = 180.0
+APP_NAME = "rayllm"
+READY_TIMEOUT_S = 600.0  # a vLLM replica loads weights, profiles memory and (GPUs) captures graphs
 
 
 def start(cfg: RunConfig) -> str:
@@ -43,7 +37,11 @@ def start(cfg: RunConfig) -> str:
     Writes ``<run_dir>/serve/summary.json`` (url, model, ...). Ray is joined or started from
     ``cfg.cluster`` and left running: call ``shutdown()`` (and ``ray.shutdown()``) when done.
     """
+    if not cfg.cluster.verbose:  # vLLM logs its platform checks as it is imported
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     from ray import serve as ray_serve
+
+    from rayllm.serve.deployment import api_keys, build_app, check_exposure, model_name, resolve_model_dir
 
     if not cfg.cluster.verbose:  # importing Serve set its logger to INFO
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
@@ -64,6 +62,7 @@ def start(cfg: RunConfig) -> str:
                 raise
             raise RayllmError(f"the model server failed to start: {failure}") from e
         health = _wait_healthy(url)
+        _warm_up(url, model_name(s, model_dir), keys)
     except BaseException:
         shutdown()  # nothing half-started is left behind on the cluster
         raise
@@ -104,9 +103,10 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         url = start(cfg)
         try:
             _wait_for_stop_signal()
-            # What one replica served (its engine's counters), before it goes away.
+            # What the ingress admitted, refused and cut off, before it goes away.
             with httpx.Client(timeout=5.0, trust_env=False) as client:
-                stats = {k: v for k, v in client.get(f"{url}/health").json().items() if isinstance(v, int)}
+                health = client.get(f"{url}/health").json()
+            stats = {k: health[k] for k in ("requests", "rejected", "timed_out") if k in health}
         except httpx.HTTPError as e:
             stats = {"health_error": str(e)}
         finally:
@@ -163,6 +163,19 @@ def _wait_healthy(url: str, timeout_s: float = READY_TIMEOUT_S) -> dict[str, Any
         "was already running on another port, run `serve shutdown` first; replica logs are under "
         "/tmp/ray/session_latest/logs/serve"
     )
+
+
+def _warm_up(url: str, model: str, keys: list[str]) -> None:
+    """One token through the engine before the server counts as started: vLLM's first request
+    costs seconds (allocations, kernel selection) that no user request should pay."""
+    headers = {"Authorization": f"Bearer {keys[0]}"} if keys else {}
+    body = {"model": model, "prompt": "Hello", "max_tokens": 1}
+    with httpx.Client(timeout=READY_TIMEOUT_S, trust_env=False, headers=headers) as client:
+        r = client.post(f"{url}/v1/completions", json=body)
+    if r.status_code != 200:
+        raise RayllmError(
+            f"the model server started but cannot generate: HTTP {r.status_code}: {r.text[:300]}"
+        )
 
 
 def _deploy_failure() -> str | None:
