@@ -289,6 +289,17 @@ def bench_naive(model_dir: str, args: argparse.Namespace) -> dict[str, Any]:
             proc.wait()
 
 
+def replica_rss_mb() -> float:
+    """Resident memory of the vLLM replicas: the Serve replica process and vLLM's engine-core child."""
+    import psutil
+    from ray.util.state import list_actors
+
+    pids = [a.pid for a in list_actors(filters=[("state", "=", "ALIVE")]) if "LLMServer" in a.class_name]
+    procs = [psutil.Process(p) for p in pids]
+    procs += [c for p in procs for c in p.children(recursive=True)]
+    return sum(p.memory_info().rss for p in procs) / 2**20
+
+
 def bench_ours(model_dir: str, run_dir: str, args: argparse.Namespace) -> dict[str, Any]:
     import ray
 
@@ -313,10 +324,13 @@ def bench_ours(model_dir: str, run_dir: str, args: argparse.Namespace) -> dict[s
         }
     )
     try:
+        t0 = time.perf_counter()
         url = rayllm_serve.start(cfg)
+        start_s = time.perf_counter() - t0
         asyncio.run(warm_up(url, 4))
-        log(f"rayllm serve up on {url}; loading it")
-        return asyncio.run(run_load(url, args))
+        log(f"rayllm serve up on {url} in {start_s:.1f} s; loading it")
+        figures = asyncio.run(run_load(url, args))
+        return {**figures, "start_s": round(start_s, 1), "replica_rss_mb": round(replica_rss_mb(), 1)}
     finally:
         try:
             rayllm_serve.shutdown()
@@ -352,7 +366,7 @@ def offline(model_dir: str, args: argparse.Namespace) -> None:
     outputs = llm.generate(prompts, params, use_tqdm=False)
     wall = time.perf_counter() - start
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    print(json.dumps({"requests": n, "generated_tokens": tokens, "wall_s": round(wall, 2),
+    print("RESULT " + json.dumps({"requests": n, "generated_tokens": tokens, "wall_s": round(wall, 2),
                       "tokens_per_s": round(tokens / wall, 1)}))  # fmt: skip
 
 
@@ -364,7 +378,8 @@ def bench_offline(model_dir: str, args: argparse.Namespace) -> dict[str, Any]:
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     if done.returncode != 0:
         raise RuntimeError(f"offline vLLM failed: {done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    # vLLM logs to stdout too: the figures are on the line marked RESULT
+    return json.loads(next(ln for ln in done.stdout.splitlines() if ln.startswith("RESULT "))[7:])
 
 
 def default_model(folder: Path) -> tuple[str, str]:

@@ -25,23 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_serve import PROMPTS, default_model, free_port, log, malformed, percentile
+from bench_serve import PROMPTS, default_model, free_port, log, malformed, percentile, replica_rss_mb
 
 FAILURES: list[str] = []  # why well-formed requests failed, for the report
-
-
-def replica_rss_mb() -> float:
-    """Resident memory of the serving replica's process."""
-    from ray.util.state import list_actors
-
-    actors = list_actors(filters=[("state", "=", "ALIVE")])
-    pids = [a.pid for a in actors if "LLMServer" in a.class_name]
-    procs = [psutil.Process(p) for p in pids]
-    procs += [c for p in procs for c in p.children(recursive=True)]  # vLLM's engine-core process
-    return sum(p.memory_info().rss for p in procs) / 2**20
 
 
 def good_request(i: int) -> tuple[str, dict[str, Any]]:
