@@ -41,7 +41,14 @@ def start(cfg: RunConfig) -> str:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     from ray import serve as ray_serve
 
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
     from rayllm.serve.deployment import api_keys, build_app, check_exposure, model_name, resolve_model_dir
+
+    # Importing Ray Serve LLM swaps the root logger's handlers for its own JSON one at INFO: this
+    # process's console stays as the CLI set it up.
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
     if not cfg.cluster.verbose:  # importing Serve set its logger to INFO
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
