@@ -290,12 +290,16 @@ def bench_naive(model_dir: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def replica_rss_mb() -> float:
-    """Resident memory of the vLLM replicas: the Serve replica process and vLLM's engine-core child."""
+    """Resident memory of the vLLM replicas: each Serve replica process (Ray titles it
+    ``ray::ServeReplica:<app>:LLMServer...``) and vLLM's engine-core child under it. Found by title,
+    so it works without Ray's dashboard (the state API needs it)."""
     import psutil
-    from ray.util.state import list_actors
 
-    pids = [a.pid for a in list_actors(filters=[("state", "=", "ALIVE")]) if "LLMServer" in a.class_name]
-    procs = [psutil.Process(p) for p in pids]
+    procs = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if "ServeReplica:" in " ".join(p.info["cmdline"] or []) and "LLMServer" in " ".join(p.info["cmdline"])
+    ]
     procs += [c for p in procs for c in p.children(recursive=True)]
     return sum(p.memory_info().rss for p in procs) / 2**20
 
