@@ -209,7 +209,7 @@ def demo(cfg: RunConfig, console: Console | None = None) -> dict[str, Any]:
 
         from rayllm.serve import stage as serve
 
-        console.rule(f"[bold]serve[/]: Ray Serve, OpenAI-compatible API on {cfg.serve.host}")
+        console.rule(f"[bold]serve[/]: Ray Serve LLM (vLLM), OpenAI-compatible API on {cfg.serve.host}")
         url = serve.start(cfg)
         try:
             model = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
