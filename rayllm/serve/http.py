@@ -87,16 +87,14 @@ async def _send_json(
 
 
 class _Tracked:
-    """Wraps ``send`` to know whether (and as what) the response has started."""
+    """Wraps ``send`` to know whether the response has started, and whether it has ended."""
 
     def __init__(self, send: Send) -> None:
-        self.send, self.started, self.sse, self.done = send, False, False, False
+        self.send, self.started, self.done = send, False, False
 
     async def __call__(self, message: Message) -> None:
         if message["type"] == "http.response.start":
             self.started = True
-            ctype = dict(message.get("headers", [])).get(b"content-type", b"")
-            self.sse = ctype.startswith(b"text/event-stream")
         elif message["type"] == "http.response.body" and not message.get("more_body", False):
             self.done = True
         await self.send(message)
