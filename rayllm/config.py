@@ -672,7 +672,9 @@ class ServeConfig(Strict):
     allow_unauthenticated: bool = Field(
         False, description="serve on a non-loopback host without API keys (anyone reaching it can use it)"
     )
-    max_n: PositiveInt = Field(16, description="the largest n (choices) one request may ask for")
+    max_n: PositiveInt = Field(
+        16, description="the largest n (choices) one request may ask for; never more than max_batch"
+    )
     max_tokens_limit: PositiveInt = Field(1024, description="the largest max_tokens a request may ask for")
     default_max_tokens: PositiveInt = Field(64, description="max_tokens when a request leaves it out")
     max_body_bytes: PositiveInt = Field(1_000_000, description="larger request bodies get HTTP 413")

@@ -221,6 +221,13 @@ def test_queue_bound_and_disconnects(guarded: tuple, http: httpx.Client) -> None
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
 
 
+def test_n_is_bounded_by_the_engine_batch(http: httpx.Client) -> None:
+    """serve.max_n is 16 by default, but this server runs one sequence at a time: n=2 is a 400."""
+    r = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 1, "n": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n", r.text
+    assert "serve.max_batch" in r.json()["error"]["message"]
+
+
 def test_requests_past_the_timeout_end_with_an_openai_error(http: httpx.Client) -> None:
     """A stream past the timeout ends with an error event and [DONE], a plain request gets 504, and
     neither keeps the engine busy afterwards."""

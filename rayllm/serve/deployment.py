@@ -93,7 +93,9 @@ class Ingress(OpenAiIngress):
     def _check(self, body: CompletionRequest | ChatCompletionRequest, tokens_field: str) -> None:
         """The ``serve`` config's limits on one request (vLLM checks the rest)."""
         if (body.n or 1) > self.limits["max_n"]:
-            raise http.RequestError(f"n: at most {self.limits['max_n']} (serve.max_n)", "n")
+            raise http.RequestError(
+                f"n: at most {self.limits['max_n']} (serve.max_n, and no more than serve.max_batch)", "n"
+            )
         tokens = getattr(body, tokens_field, None)
         if tokens is None:
             setattr(body, tokens_field, self.limits["default_max_tokens"])
@@ -252,7 +254,9 @@ def build_app(serve_cfg: ServeConfig, model_dir: str) -> Application:
         ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": worker_env()}},
     )
     limits = {
-        "max_n": s.max_n,
+        # More choices than the engine runs at once stalled vLLM 0.29's CPU engine in tests (its
+        # health check waited 9 s, and a timeout did not free it): never more than max_batch.
+        "max_n": min(s.max_n, s.max_batch),
         "max_tokens_limit": s.max_tokens_limit,
         "default_max_tokens": s.default_max_tokens,
     }
