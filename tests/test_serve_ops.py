@@ -160,6 +160,11 @@ def test_network_address_without_keys_refuses_to_start(model_dir: Path, tmp_path
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "serve.host=0.0.0.0" in lines[0] and "serve.api_keys" in lines[0]
     assert "serve.allow_unauthenticated" in lines[0]
+    # The vLLM engine settings are validated the same way, naming the field.
+    bad = subprocess.run([*base, "--set", f"serve.model_dir={model_dir}", "--set", "serve.kv_cache_gb=0"],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert bad.returncode == 2 and "serve.kv_cache_gb" in bad.stderr, bad.stderr
+    assert len([ln for ln in bad.stderr.splitlines() if ln.strip()]) == 1
     from rayllm.config import ServeConfig
     from rayllm.errors import ConfigError
     from rayllm.serve.deployment import KEYS_FILE_ENV, api_keys, check_exposure

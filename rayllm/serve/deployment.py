@@ -22,9 +22,11 @@ from ray.serve.handle import DeploymentHandle
 from ray.serve.llm import LLMConfig, build_llm_deployment
 from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
+from transformers import AutoConfig
 
 from rayllm.config import RunConfig, ServeConfig, validate_config
 from rayllm.errors import ConfigError, RunDirError
+from rayllm.model.build import context_length
 from rayllm.model.chat import FALLBACK_CHAT_STOP, FALLBACK_CHAT_TEMPLATE
 from rayllm.rundir import RunDir, model_folder
 from rayllm.runtime import is_loopback, worker_env
@@ -176,14 +178,9 @@ def _fallback_chat(model_dir: str) -> bool:
     return not (cfg.is_file() and json.loads(cfg.read_text(encoding="utf-8")).get("chat_template"))
 
 
-def _max_context(model_dir: str, limit: int | None) -> int | None:
-    cfg = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
-    native = next((cfg[k] for k in ("max_position_embeddings", "n_positions") if k in cfg), None)
-    return min(x for x in (native, limit) if x) if (native or limit) else None
-
-
-def llm_config(serve_cfg: ServeConfig, model_dir: str, name: str) -> LLMConfig:
-    """Ray Serve LLM's config for one model: vLLM's engine settings and the replicas' resources."""
+def llm_config(serve_cfg: ServeConfig, model_dir: str, name: str, fallback_chat: bool) -> LLMConfig:
+    """Ray Serve LLM's config for one model: vLLM's engine settings and the replicas' resources;
+    ``fallback_chat``: give vLLM rayllm's chat template (the model has none)."""
     s, replicas = serve_cfg, serve_cfg.replicas
     gpu = s.gpus_per_replica > 0
     engine: dict[str, Any] = {
@@ -196,7 +193,7 @@ def llm_config(serve_cfg: ServeConfig, model_dir: str, name: str) -> LLMConfig:
         engine["max_model_len"] = s.max_model_len
     if s.kv_cache_gb or not gpu:  # on CPUs vLLM would otherwise reserve 92% of the node's memory
         engine["kv_cache_memory_bytes"] = int((s.kv_cache_gb or 1.0) * 2**30)
-    if _fallback_chat(model_dir):
+    if fallback_chat:
         engine["chat_template"] = FALLBACK_CHAT_TEMPLATE
     if gpu:
         engine["tensor_parallel_size"] = max(1, int(s.gpus_per_replica))
@@ -240,7 +237,8 @@ def build_app(serve_cfg: ServeConfig, model_dir: str) -> Application:
     check_exposure(serve_cfg, keys)
     s = serve_cfg
     name = model_name(s, model_dir)
-    config = llm_config(s, model_dir, name)
+    fallback_chat = _fallback_chat(model_dir)
+    config = llm_config(s, model_dir, name, fallback_chat)
     server = build_llm_deployment(config)
     max_active = s.replicas.max * (s.max_batch + s.max_queue)
     api = http.build_api(
@@ -265,8 +263,8 @@ def build_app(serve_cfg: ServeConfig, model_dir: str) -> Application:
         model_cards={name: to_model_metadata(name, config)},
         server=server,
         limits=limits,
-        fallback_chat=_fallback_chat(model_dir),
-        max_context=_max_context(model_dir, s.max_model_len),
+        fallback_chat=fallback_chat,
+        max_context=min(context_length(AutoConfig.from_pretrained(model_dir)), s.max_model_len or 2**62),
     )
 
 

@@ -86,6 +86,16 @@ async def _send_json(
     await send({"type": "http.response.body", "body": raw})
 
 
+def _kind(status: int) -> str:
+    return "invalid_request_error" if status < 500 else "server_error"
+
+
+async def _end_stream(send: Send, error: dict[str, Any]) -> None:
+    """End an event stream already flowing with ``error`` as its last event, then ``[DONE]``."""
+    body = f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n".encode()
+    await send({"type": "http.response.body", "body": body})
+
+
 class _Tracked:
     """Wraps ``send`` to know whether the response has started, and whether it has ended."""
 
@@ -121,18 +131,14 @@ class OpenAIErrors:
                 log.exception("request failed")
             if tracked.started:
                 if not tracked.done:  # mid-stream: say it as an event, then end the stream
-                    kind = "invalid_request_error" if status < 500 else "server_error"
-                    event = error_body(str(getattr(e, "message", e)), kind)
-                    body = f"data: {json.dumps(event)}\n\ndata: [DONE]\n\n".encode()
-                    await send({"type": "http.response.body", "body": body})
+                    await _end_stream(send, error_body(str(getattr(e, "message", e)), _kind(status)))
                 return
             message = str(getattr(e, "message", None) or getattr(e, "detail", None) or e)
             param = getattr(e, "param", None)
             named = re.search(r"\s*\(parameter=(\w+)\)$", message)
             if named:  # vLLM's validation error, which Ray Serve LLM passes on as a 500
                 status, param, message = 400, named.group(1), message[: named.start()]
-            kind = "invalid_request_error" if status < 500 else "server_error"
-            await _send_json(send, status, error_body(message, kind, param))
+            await _send_json(send, status, error_body(message, _kind(status), param))
 
 
 class BodyLimit:
@@ -260,12 +266,7 @@ class Timeout:
             if not tracked.started:
                 await _send_json(send, 504, body)
             elif not tracked.done:
-                await send(
-                    {
-                        "type": "http.response.body",
-                        "body": f"data: {json.dumps(body)}\n\ndata: [DONE]\n\n".encode(),
-                    }
-                )
+                await _end_stream(send, body)
         finally:
             IN_FLIGHT.reset(token)
 
@@ -289,7 +290,6 @@ def build_api(*, api_keys: list[str], max_body_bytes: int, max_active: int, time
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 413:
             return JSONResponse(too_large(max_body_bytes), status_code=413)
-        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return JSONResponse(error_body(str(exc.detail), kind), status_code=exc.status_code)
+        return JSONResponse(error_body(str(exc.detail), _kind(exc.status_code)), status_code=exc.status_code)
 
     return api

@@ -108,8 +108,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     rd = RunDir.of(cfg)
     with ray_session(cfg.cluster, use_gpu=cfg.serve.gpus_per_replica > 0):
         url = start(cfg)
-        model = RunDir.of(cfg).read_summary("serve")["model"]
-        print(f"serving {model} at {url}/v1 (Ctrl-C or SIGTERM stops it)", flush=True)
+        summary = rd.read_summary("serve")
+        print(f"serving {summary['model']} at {url}/v1 (Ctrl-C or SIGTERM stops it)", flush=True)
         try:
             _wait_for_stop_signal()
             # What the ingress admitted, refused and cut off, before it goes away.
@@ -120,7 +120,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
             stats = {"health_error": str(e)}
         finally:
             shutdown()
-    summary = {**rd.read_summary("serve"), **stats}
+    summary = {**summary, **stats}
     summary["stopped_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     metrics = rd.metrics("serve")
     metrics.write(event="stopped", **stats)
