@@ -318,6 +318,9 @@ def _worker_pids() -> list[int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--skip-elastic", action="store_true", help="leave out the simulated node loss (~3 min)")
+    ap.add_argument(
+        "--only", default="", help="comma-separated faults to run (e.g. prep_killed); default all"
+    )
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-faults-"))
     import ray
@@ -337,6 +340,8 @@ def main() -> None:
         ]
         if not args.skip_elastic:
             faults.append(bench.node_removed)
+        if args.only:
+            faults = [f for f in faults if f.__name__ in args.only.split(",")]
         for fault in faults:
             try:
                 fault()

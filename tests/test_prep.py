@@ -528,6 +528,32 @@ def test_a_killed_prep_leaves_nothing_train_reads_and_a_rerun_redoes_only_unfini
     assert json.loads((out / "manifest.json").read_text())["buckets_reused"] == 0
 
 
+@pytest.mark.parametrize("strategy", ["SORT_SHUFFLE_PULL_BASED", "SHUFFLE_V2"])
+def test_grouping_by_bucket_hands_each_group_whole_to_one_call(ray_cluster, strategy):
+    """Both shuffles prep uses (range-partitioned sort up to SMALL_SORT_BINS bins, hash beyond): every
+    bucket's rows reach one call together, and partitions left empty (odd buckets) call nothing."""
+    import ray.data
+
+    from rayllm.prep.stage import _grouped
+
+    keys = [k for k in range(0, 50, 2) for _ in range(k % 7 + 1)]
+    ds = ray.data.from_arrow(
+        [pa.table({"bucket": keys[i::6], "x": list(range(len(keys)))[i::6]}) for i in range(6)]
+    )
+
+    def sizes(group: pa.Table) -> pa.Table:
+        return pa.table({"bucket": [group.column("bucket")[0].as_py()], "rows": [group.num_rows]})
+
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.shuffle_strategy
+    ctx.shuffle_strategy = getattr(ray.data.context.ShuffleStrategy, strategy)
+    try:
+        out = _grouped(ds, "bucket", 50, 6, sizes, {}).take_all()
+    finally:
+        ctx.shuffle_strategy = saved
+    assert sorted((r["bucket"], r["rows"]) for r in out) == [(k, k % 7 + 1) for k in range(0, 50, 2)]
+
+
 def test_shards_are_the_same_at_any_parallelism_and_binning(
     ray_cluster, prepped, tiny_corpus, tmp_path, monkeypatch
 ):

@@ -22,7 +22,7 @@ import os
 import shutil
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -297,7 +297,7 @@ def _buckets(dcfg: DataConfig, bins: list[list[dict[str, Any]]], vocab: Vocabula
                 "chunk": dcfg.tokenize_batch,
             },
         )
-    return (
+    tokens = (
         _read_clean(dcfg, bins)
         .map_batches(
             assign_buckets,
@@ -306,9 +306,8 @@ def _buckets(dcfg: DataConfig, bins: list[list[dict[str, Any]]], vocab: Vocabula
             fn_kwargs={"buckets": plan.buckets, "todo": plan.todo, "max_key": plan.max_key},
         )
         .map_batches(fn, batch_format="pyarrow", batch_size=None, fn_kwargs=fn_kwargs)
-        .groupby("bucket")
-        .map_groups(pack_bucket, batch_format="pyarrow", fn_kwargs={"job": plan.job})
     )
+    return _grouped(tokens, "bucket", plan.buckets, len(bins), pack_bucket, {"job": plan.job})
 
 
 def _max_key(dcfg: DataConfig, bins: list[list[dict[str, Any]]]) -> str | None:
@@ -336,20 +335,53 @@ def _mark_near_duplicates(dcfg: DataConfig, bins: list[list[dict[str, Any]]], pl
     on disk before packing starts. Returns how many documents were marked."""
     bands, rows = lsh_bands(dcfg.clean.minhash_threshold)
     (Path(plan.job.dir) / NEAR).mkdir(parents=True, exist_ok=True)
-    marked = (
-        _read_clean(dcfg, bins)
-        .map_batches(
-            band_rows,
-            batch_format="pyarrow",
-            batch_size=None,
-            fn_kwargs={"bands": bands, "rows": rows, "parts": plan.buckets},
-        )
-        .groupby("part")
-        .map_groups(near_duplicate_keys, batch_format="pyarrow", fn_kwargs={"buckets": plan.buckets})
-        .groupby("bucket")
-        .map_groups(write_near_keys, batch_format="pyarrow", fn_kwargs={"prep_dir": plan.job.dir})
+    band_table = _read_clean(dcfg, bins).map_batches(
+        band_rows,
+        batch_format="pyarrow",
+        batch_size=None,
+        fn_kwargs={"bands": bands, "rows": rows, "parts": plan.buckets},
     )
+    keys = _grouped(
+        band_table, "part", plan.buckets, len(bins), near_duplicate_keys, {"buckets": plan.buckets}
+    )
+    marked = _grouped(keys, "bucket", plan.buckets, len(bins), write_near_keys, {"prep_dir": plan.job.dir})
     return sum(sum(b.column("keys").to_pylist()) for b in marked.iter_batches(batch_format="pyarrow"))
+
+
+def _grouped(
+    ds: Any, key: str, n_keys: int, n_bins: int, fn: Callable[..., pa.Table], fn_kwargs: dict[str, Any]
+) -> Any:
+    """``fn`` over each group of rows sharing ``key`` (an int in [0, n_keys)), in at most ``n_keys``
+    partitions, about four per CPU. Ray Data's ``groupby`` gives the sort-based shuffle as many
+    partitions as input blocks (one per bin of files: on a small corpus fewer than a cluster's
+    CPUs); fixed range boundaries set the count and spare the shuffle its sampling pass. The
+    hash-based shuffle (over SMALL_SORT_BINS bins) takes the count as it is."""
+    import ray
+    import ray.data
+
+    parts = max(1, min(n_keys, max(n_bins, 4 * int(ray.cluster_resources().get("CPU", 1)))))
+    sort_based = ray.data.DataContext.get_current().shuffle_strategy in (
+        ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED,
+        ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PUSH_BASED,
+    )
+    if not sort_based:
+        grouped = ds.groupby(key, num_partitions=parts)
+        return grouped.map_groups(fn, batch_format="pyarrow", fn_kwargs=fn_kwargs)
+    bounds = sorted({-(-i * n_keys // parts) for i in range(1, parts)})
+    return ds.sort(key, boundaries=bounds).map_batches(
+        _each_group, batch_format="pyarrow", batch_size=None, fn_kwargs={"key": key, "fn": fn, **fn_kwargs}
+    )
+
+
+def _each_group(block: pa.Table, key: str, fn: Callable[..., pa.Table], **kwargs: Any) -> Iterator[pa.Table]:
+    """``map_batches`` body over a block sorted by ``key``: ``fn`` on each run of equal keys (an
+    empty partition yields nothing, as ``map_groups`` does)."""
+    if not block.num_rows:
+        return
+    keys = block.column(key).to_numpy()
+    starts = np.flatnonzero(np.diff(keys, prepend=keys[0] - 1))
+    for a, b in zip(starts, np.append(starts[1:], len(keys)), strict=True):
+        yield fn(block.slice(a, b - a), **kwargs)
 
 
 @contextlib.contextmanager
