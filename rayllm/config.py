@@ -565,19 +565,30 @@ class EvalConfig(Strict):
     """eval (Ray Data): perplexity on the validation split and the downstream tasks' metrics."""
 
     model_dir: LocalPath | None = Field(None, description="default: the run's exported model")
-    batch_size: PositiveInt = Field(8, description="packed blocks per scoring forward pass")
+    batch_size: PositiveInt = Field(
+        8,
+        description="packed blocks per scoring forward pass; prompts per batch handed to a generating "
+        "actor's vLLM engine (which runs several batches at once)",
+    )
     max_batches: PositiveInt | None = Field(None, description="score only the split's first batches")
     actors: PositiveInt = Field(
         1,
-        description="Ray Data actors that score the split and generate the tasks' answers "
-        "(each loads the model once)",
+        description="Ray Data actors that score the split, and vLLM engines (Ray Data LLM) that "
+        "generate the tasks' answers (each loads the model once)",
     )
-    cpus_per_actor: PositiveFloat = Field(1.0, description="CPUs each scoring actor reserves")
+    cpus_per_actor: PositiveFloat = Field(1.0, description="CPUs each scoring or generating actor reserves")
     gpus_per_actor: Annotated[float, Field(ge=0)] = Field(
-        0.0, description="GPUs each scoring actor reserves; > 0 scores on GPUs"
+        0.0,
+        description="GPUs each scoring actor reserves; > 0 scores and generates on GPUs (a generating "
+        "engine takes int(gpus_per_actor) GPUs, at least 1, as tensor-parallel ranks)",
     )
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="scoring precision; auto: bf16 on GPUs, fp32 on CPUs"
+        "auto", description="scoring and generating precision; auto: bf16 on GPUs, fp32 on CPUs"
+    )
+    kv_cache_gb: PositiveFloat | None = Field(
+        None,
+        description="memory for each generating engine's KV cache; default: 1 GiB on CPUs, on GPUs "
+        "what vLLM's gpu_memory_utilization leaves",
     )
     lm: bool = Field(
         True, description="score loss and perplexity on the validation split (when there is one)"
@@ -593,6 +604,13 @@ class EvalConfig(Strict):
     endpoint_model: str | None = Field(
         None, description="the model id to ask the endpoint for; default its first"
     )
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> EvalConfig:
+        names = [t.name for t in self.tasks]
+        if twice := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"tasks: names must be unique (each writes eval/<name>/), {twice} repeat")
+        return self
 
     @model_validator(mode="after")
     def _k_within_samples(self) -> EvalConfig:

@@ -53,6 +53,8 @@ def apply_env(cfg: ClusterConfig, use_gpu: bool = False) -> None:
     rayllm's defaults unless the caller set them, and cluster.env_vars over everything."""
     for k, v in worker_env(None, use_gpu).items():
         os.environ.setdefault(k, v)
+    if not cfg.verbose:  # vLLM (serve, eval's generation) logs its platform checks as it is imported
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     os.environ.update(cfg.env_vars)
 
 
@@ -114,6 +116,12 @@ def init_ray(cfg: ClusterConfig, use_gpu: bool = False) -> bool:
     _configure_ray_data(cfg)
     for name in ("ray.data", "ray.train", "ray.serve"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Each ray.llm module gives itself an INFO handler to stdout unless ray.llm has one already.
+    llm = logging.getLogger("ray.llm")
+    if not llm.handlers:
+        llm.addHandler(logging.StreamHandler(sys.stderr))
+    llm.setLevel(logging.INFO if cfg.verbose else logging.WARNING)
+    llm.propagate = False
     # Failed trials are listed, with their errors, in tune's own summary; Tune's tracebacks of the
     # same errors are for --verbose.
     for name in ("ray.tune", "ray.air"):
@@ -164,6 +172,24 @@ def _configure_ray_data(cfg: ClusterConfig) -> None:
     if not cfg.verbose:
         for name in ("ray.data.exceptions", "ray.data._internal.execution.streaming_executor_state"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+@contextlib.contextmanager
+def ray_init_again_quietly() -> Iterator[None]:
+    """Around a library call that runs ``ray.init()`` again (Ray Data LLM's ``build_processor``):
+    that sets Ray's logger back to INFO and logs "Calling ray.init() again"; neither outlives it."""
+    ray_logger, worker = logging.getLogger("ray"), logging.getLogger("ray._private.worker")
+    level = ray_logger.level
+
+    def again(record: logging.LogRecord) -> bool:
+        return "ray.init() again" not in record.getMessage()
+
+    worker.addFilter(again)
+    try:
+        yield
+    finally:
+        worker.removeFilter(again)
+        ray_logger.setLevel(level)
 
 
 @contextlib.contextmanager

@@ -108,6 +108,8 @@ def test_unknown_verb_is_usage_error():
          "samples=2 needs temperature > 0"),
         (["eval", "--set", "eval.tasks=[{name: c, file: x.jsonl, kind: code, samples: 2, k: [5]}]"],
          r"k=\[5\] is more than samples=2"),
+        (["eval", "--set", "eval.tasks=[{name: a, file: x, kind: qa}, {name: a, file: y, kind: qa}]"],
+         r"names must be unique .*\['a'\] repeat"),
         (["submit", "prep", "--until", "prep", "--address", "http://127.0.0.1:9"],
          "--until and --serve belong to `rayllm submit run`"),
         (["tune", "--set", "tune.grid_order=sorted"], "tune.grid_order: got 'sorted'; input should be"),

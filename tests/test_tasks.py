@@ -334,8 +334,9 @@ def test_perplexity_equals_a_plain_transformers_computation(prepped, tmp_path: P
 
 
 def test_eval_cli_scores_a_task_and_names_a_bad_line(ray_cluster, tmp_path: Path) -> None:
-    """`rayllm eval` generates through Ray Data actors, scores with the reference library and writes
-    predictions; a malformed task file stops it with the file and line, exit 2, before Ray."""
+    """`rayllm eval` generates with vLLM through Ray Data LLM: its greedy answers equal transformers'
+    greedy decoding in fp32 and the served model's over HTTP; it scores with the reference library and
+    writes predictions; a malformed task file stops it with the file and line, exit 2, before Ray."""
     model = make_tiny_gpt2(tmp_path / "model")
     qa = tmp_path / "qa.jsonl"
     rows = [
@@ -344,9 +345,20 @@ def test_eval_cli_scores_a_task_and_names_a_bad_line(ray_cluster, tmp_path: Path
         {"prompt": "你好吗？", "completion": "我很好"},
     ]
     qa.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    code = tmp_path / "code.jsonl"
+    code.write_text(
+        "".join(
+            json.dumps({"prompt": f"Write f returning {n}.", "completion": f"def f(): return {n}",
+                        "tests": f"assert f() == {n}"}) + "\n"
+            for n in range(3)
+        ),
+        encoding="utf-8",
+    )  # fmt: skip
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     sets = [f"eval.model_dir={model}", "eval.lm=false", "eval.actors=1",
-            f'eval.tasks=[{{name: qa, file: "{qa}", kind: qa, max_new_tokens: 4}}]']  # fmt: skip
+            f'eval.tasks=[{{name: qa, file: "{qa}", kind: qa, max_new_tokens: 4}}, '
+            f'{{name: code, file: "{code}", kind: code, samples: 3, temperature: 1.0, k: [1, 3], '
+            'max_new_tokens: 6}]']  # fmt: skip
     options = [x for s in sets for x in ("--set", s)]
     cmd = [sys.executable, "-m", "rayllm", "eval", "--run-dir", str(tmp_path / "run"), *options]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -361,6 +373,16 @@ def test_eval_cli_scores_a_task_and_names_a_bad_line(ray_cluster, tmp_path: Path
     )
     rounded = {k: round(v, 3) for k, v in again.items()}
     assert summary["tasks"]["qa"] == {"kind": "qa", "examples": 3, **rounded}
+    assert [p["predictions"][0] for p in predictions] == _transformers_greedy(
+        model, [r["prompt"] for r in rows], 4
+    )
+    # The code task's samples came from the same engine load: 3 seeded samples per prompt, scored.
+    written = (tmp_path / "run" / "eval" / "code" / "predictions.jsonl").read_text(encoding="utf-8")
+    sampled = [json.loads(x) for x in written.splitlines()]
+    assert [len(p["predictions"]) for p in sampled] == [3, 3, 3]
+    assert [len(p["passed"]) for p in sampled] == [3, 3, 3]
+    assert len({a for p in sampled for a in p["predictions"]}) > 3  # temperature 1: not one answer repeated
+    assert set(summary["tasks"]["code"]) == {"kind", "examples", "pass@1", "pass@3"}
 
     # The same task against the model served over its OpenAI-compatible API: the same prompts through
     # the same chat template, so greedy answers are the same ones.
@@ -387,6 +409,31 @@ def test_eval_cli_scores_a_task_and_names_a_bad_line(ray_cluster, tmp_path: Path
     bad = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2
     assert f"{qa}:4: malformed JSON" in " ".join(bad.stderr.split()), bad.stdout + bad.stderr
+
+
+def _transformers_greedy(model_dir: Path, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """The reference: each prompt through the chat template, greedy `generate` one at a time in fp32,
+    cut at the template's stop string."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rayllm.model import chat
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = []
+    for prompt in prompts:
+        text = chat.render(tok, [{"role": "user", "content": prompt}], add_generation_prompt=True)
+        ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            gen = lm.generate(
+                ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.eos_token_id
+            )
+        answer = tok.decode(gen[0, ids.shape[1] :], skip_special_tokens=True)
+        for stop in chat.stops(tok):
+            answer = answer.split(stop, 1)[0]
+        out.append(answer.strip())
+    return out
 
 
 def test_sft_prep_then_lora_fine_tune_and_merged_export(ray_cluster, tmp_path: Path) -> None:

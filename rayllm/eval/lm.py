@@ -10,9 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from rayllm.model.engine import DTYPES
 from rayllm.rundir import INPUT_IDS, LOSS_MASK, POSITION_IDS
-
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 class BlockScorer:

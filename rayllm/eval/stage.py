@@ -40,15 +40,18 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     with ray_session(cfg.cluster, use_gpu=e.gpus_per_actor > 0):
         if lm:
             summary.update(_lm(cfg, rd, model_dir))
+        prompts = {name: [r["prompt"] for r in rows] for name, rows in examples.items()}
+        if e.endpoint:
+            answers = {
+                t.name: downstream.generate_remote(e.endpoint, e.endpoint_model, t, prompts[t.name])
+                for t in e.tasks
+            }
+        elif e.tasks:  # one vLLM engine load for every task
+            answers = downstream.generate_local(model_dir, e, prompts)
         scores = {}
         for task in e.tasks:
             rows = examples[task.name]
-            prompts = [r["prompt"] for r in rows]
-            if e.endpoint:
-                answers = downstream.generate_remote(e.endpoint, e.endpoint_model, task, prompts)
-            else:
-                answers = downstream.generate_local(model_dir, e, task, prompts)
-            figures, records = downstream.score(task, rows, answers)
+            figures, records = downstream.score(task, rows, answers[task.name])
             folder = out / task.name
             folder.mkdir(exist_ok=True)
             with (folder / "predictions.jsonl").open("w", encoding="utf-8") as f:

@@ -2,13 +2,15 @@
 
 A task file is jsonl, one example per line: ``{"prompt": ..., "completion": ...}`` (the same rows
 fine-tuning reads), plus ``answers`` (accepted answers, question answering) or ``tests`` (Python
-asserts, code). Generation runs in Ray Data actors on the exported model (each loads it once; on GPUs
-with ``eval.gpus_per_actor``), or against a served model over its OpenAI-compatible API
-(``eval.endpoint``); prompts go through the model's chat template either way.
+asserts, code). Answers come from vLLM, the engine ``rayllm serve`` runs: through Ray Data's LLM
+processor (``ray.data.llm``) over the exported model (on GPUs with ``eval.gpus_per_actor``), or from
+a served model over its OpenAI-compatible API (``eval.endpoint``); prompts go through the model's
+chat template either way, so greedy answers are the same both ways.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -17,8 +19,6 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from rayllm.config import EvalConfig, EvalTaskConfig
 from rayllm.errors import DataError
@@ -59,107 +59,107 @@ def read_task(task: EvalTaskConfig) -> list[dict[str, Any]]:
     return rows
 
 
-class Generator:
-    """A Ray Data actor: the model loaded once, a batch of prompts in, ``samples`` answers each out."""
-
-    def __init__(
-        self, model_dir: str, dtype: str, max_new_tokens: int, samples: int, temperature: float
-    ) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        self.torch = torch
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if dtype == "auto":
-            dtype = "bf16" if self.device.type == "cuda" else "fp32"
-        torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).to(self.device).eval()
-        self.max_new_tokens, self.samples, self.temperature = max_new_tokens, samples, temperature
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from rayllm.model import chat
-
-        torch = self.torch
-        texts = [
-            chat.render(self.tokenizer, [{"role": "user", "content": p}], add_generation_prompt=True)
-            for p in batch["prompt"]
-        ]
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(
-            self.device
-        )
-        torch.manual_seed(int(batch["index"][0]))  # sampled answers reproduce
-        sampling = self.samples > 1 and self.temperature > 0
-        with torch.no_grad():
-            out = self.model.generate(
-                **enc,
-                max_new_tokens=self.max_new_tokens,
-                do_sample=sampling,
-                temperature=self.temperature if sampling else None,
-                top_p=None,
-                top_k=None,
-                num_return_sequences=self.samples,
-                pad_token_id=self.tokenizer.pad_token_id,
-            )
-        answers = self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-        stops = chat.stops(self.tokenizer)
-        answers = [_cut(a, stops) for a in answers]
-        grouped = [answers[i * self.samples : (i + 1) * self.samples] for i in range(len(texts))]
-        return {"index": batch["index"], "predictions": np.array([json.dumps(g) for g in grouped])}
-
-
 def _program(text: str) -> str:
     """The code of an answer: the first fenced block when the model wrote one, else all of it."""
     match = re.search(r"```(?:python|py)?\n(.*?)(?:```|$)", text, flags=re.S)
     return match.group(1) if match else text
 
 
-def _cut(text: str, stops: tuple[str, ...]) -> str:
-    for stop in stops:
-        text = text.split(stop, 1)[0]
-    return text.strip()
+def _request(row: dict[str, Any], stop: list[str]) -> dict[str, Any]:
+    """Ray Data LLM's input row for one answer: the prompt's token ids and vLLM's sampling settings."""
+    params = {
+        "max_tokens": int(row["max_tokens"]),
+        "temperature": float(row["temperature"]),
+        "seed": int(row["seed"]),
+    }
+    if stop:
+        params["stop"] = stop
+    return {"tokenized_prompt": row["ids"], "sampling_params": params, "key": row["key"]}
+
+
+def _answer(row: dict[str, Any]) -> dict[str, Any]:
+    return {"key": row["key"], "text": row["generated_text"]}
+
+
+def _processor(model_dir: str, e: EvalConfig, context: int, stop: list[str]) -> Any:
+    """Ray Data LLM's vLLM processor: token ids and sampling settings in, answer text out."""
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    from rayllm.model.engine import vllm_bundles, vllm_engine_kwargs
+
+    gpus = e.gpus_per_actor
+    dtype = "bf16" if e.dtype == "auto" and gpus > 0 else e.dtype
+    return build_processor(
+        vLLMEngineProcessorConfig(
+            model_source=model_dir,
+            engine_kwargs=vllm_engine_kwargs(
+                dtype=dtype, gpus=gpus, max_model_len=context, kv_cache_gb=e.kv_cache_gb
+            ),
+            batch_size=e.batch_size,
+            concurrency=e.actors,
+            placement_group_config={"bundles": vllm_bundles(e.cpus_per_actor, gpus)},
+            chat_template_stage=False,  # rendered above, with rayllm's fallback where the model has none
+            tokenize_stage=False,
+            detokenize_stage=False,  # vLLM detokenizes and applies the stop strings itself
+            log_engine_metrics=False,
+        ),
+        preprocess=functools.partial(_request, stop=stop),
+        postprocess=_answer,
+    )
 
 
 def generate_local(
-    model_dir: str, e: EvalConfig, task: EvalTaskConfig, prompts: list[str]
-) -> list[list[str]]:
-    """Answers from Ray Data actors over the exported model, in the order of ``prompts``."""
-    import ray.data
+    model_dir: str, e: EvalConfig, prompts: dict[str, list[str]]
+) -> dict[str, list[list[str]]]:
+    """Every task's answers from one Ray Data LLM processor (vLLM in ``eval.actors`` actors, each
+    loading the model once) over the exported model: ``samples`` per prompt, by task name, in the
+    order of its prompts.
 
-    ds = ray.data.from_items([{"index": i, "prompt": p} for i, p in enumerate(prompts)])
-    samples = task.samples
-    out = ds.map_batches(
-        Generator,
-        fn_constructor_kwargs={
-            "model_dir": model_dir,
-            "dtype": e.dtype,
-            "max_new_tokens": task.max_new_tokens,
-            "samples": samples,
-            "temperature": task.temperature,
-        },
-        batch_size=e.batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=e.actors),
-        num_cpus=e.cpus_per_actor,
-        num_gpus=e.gpus_per_actor,
-    )
-    answers: dict[int, list[str]] = {}
-    t0, shown = time.time(), 0.0
-    for b in out.iter_batches(batch_format="numpy", batch_size=None):
-        for i, p in zip(b["index"], b["predictions"], strict=True):
-            answers[int(i)] = json.loads(p)
+    Prompts go through the model's chat template (or rayllm's fallback) here and reach vLLM as token
+    ids, as serve's chat endpoint tokenizes them (no second beginning-of-sequence token). A sample
+    is one request with its own seed, so sampled answers reproduce; a prompt that leaves the model's
+    context less room than ``max_new_tokens`` gets the room there is.
+    """
+    import ray.data
+    from transformers import AutoConfig, AutoTokenizer
+
+    from rayllm.model import chat
+    from rayllm.model.build import context_length
+    from rayllm.runtime import ray_init_again_quietly
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    context = context_length(AutoConfig.from_pretrained(model_dir), tokenizer)
+    tasks = {t.name: t for t in e.tasks if t.name in prompts}
+    answers = {name: [[""] * t.samples for _ in prompts[name]] for name, t in tasks.items()}
+    rows = []
+    for name, task in tasks.items():
+        temperature = task.temperature if task.samples > 1 else 0.0  # one answer: greedy
+        for i, prompt in enumerate(prompts[name]):
+            text = chat.render(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True)
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(ids) >= context:
+                raise DataError(
+                    f"eval.tasks[{name}].file: example {i + 1} is {len(ids)} tokens with the chat "
+                    f"template, the model's context is {context}"
+                )
+            room = min(task.max_new_tokens, context - len(ids))
+            for j in range(task.samples):
+                key, seed = json.dumps([name, i, j]), i * task.samples + j
+                rows.append(
+                    {"key": key, "ids": ids, "max_tokens": room, "temperature": temperature, "seed": seed}
+                )
+    with ray_init_again_quietly():
+        processor = _processor(model_dir, e, context, list(chat.stops(tokenizer)))
+    t0, shown, done = time.time(), time.time(), 0
+    for b in processor(ray.data.from_items(rows)).iter_batches(batch_format="pyarrow", batch_size=None):
+        for key, text in zip(b.column("key").to_pylist(), b.column("text").to_pylist(), strict=True):
+            name, i, j = json.loads(key)
+            answers[name][i][j] = text.strip()
+        done += b.num_rows
         if time.time() - shown > 10:  # progress on a long generation, every 10 s at most
             shown = time.time()
-            log.info(
-                "eval %s: %d of %d prompts answered (%.0f s)",
-                task.name,
-                len(answers),
-                len(prompts),
-                shown - t0,
-            )
-    return [answers[i] for i in range(len(prompts))]
+            log.info("eval: %d of %d answers (%.0f s)", done, len(rows), shown - t0)
+    return answers
 
 
 def generate_remote(

@@ -28,12 +28,12 @@ from rayllm.config import RunConfig, ServeConfig, validate_config
 from rayllm.errors import ConfigError, RunDirError
 from rayllm.model.build import context_length
 from rayllm.model.chat import FALLBACK_CHAT_STOP, FALLBACK_CHAT_TEMPLATE
+from rayllm.model.engine import vllm_bundles, vllm_engine_kwargs
 from rayllm.rundir import RunDir, model_folder
 from rayllm.runtime import is_loopback, worker_env
 from rayllm.serve import http
 
 KEYS_FILE_ENV = "RAYLLM_API_KEYS_FILE"
-DTYPES = {"auto": "auto", "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 # The routes clients use, as Ray Serve LLM's ingress names its methods, plus rayllm's /health.
 ROUTES = {
     "models": lambda app: app.get("/v1/models"),
@@ -183,28 +183,23 @@ def llm_config(serve_cfg: ServeConfig, model_dir: str, name: str, fallback_chat:
     ``fallback_chat``: give vLLM rayllm's chat template (the model has none)."""
     s, replicas = serve_cfg, serve_cfg.replicas
     gpu = s.gpus_per_replica > 0
-    engine: dict[str, Any] = {
-        "dtype": DTYPES[s.dtype] if s.dtype != "auto" or gpu else "float32",
-        "max_num_seqs": s.max_batch,
-        "enforce_eager": (not gpu) if s.enforce_eager is None else s.enforce_eager,
-        "seed": 0,
-    }
-    if s.max_model_len:
-        engine["max_model_len"] = s.max_model_len
-    if s.kv_cache_gb or not gpu:  # on CPUs vLLM would otherwise reserve 92% of the node's memory
-        engine["kv_cache_memory_bytes"] = int((s.kv_cache_gb or 1.0) * 2**30)
+    engine = vllm_engine_kwargs(
+        dtype=s.dtype,
+        gpus=s.gpus_per_replica,
+        max_num_seqs=s.max_batch,
+        max_model_len=s.max_model_len,
+        enforce_eager=s.enforce_eager,
+        kv_cache_gb=s.kv_cache_gb,
+    )
     if fallback_chat:
         engine["chat_template"] = FALLBACK_CHAT_TEMPLATE
-    if gpu:
-        engine["tensor_parallel_size"] = max(1, int(s.gpus_per_replica))
-        bundle = {"CPU": s.cpus_per_replica, "GPU": 1}
-        bundles = [bundle] * engine["tensor_parallel_size"]
-    else:
-        bundles = [{"CPU": s.cpus_per_replica}]
     return LLMConfig(
         model_loading_config={"model_id": name, "model_source": model_dir},
         accelerator_config={"kind": "gpu" if gpu else "cpu"},
-        placement_group_config={"bundles": bundles, "strategy": "PACK"},
+        placement_group_config={
+            "bundles": vllm_bundles(s.cpus_per_replica, s.gpus_per_replica),
+            "strategy": "PACK",
+        },
         engine_kwargs=engine,
         runtime_env={"env_vars": worker_env(use_gpu=gpu)},
         deployment_config={
