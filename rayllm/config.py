@@ -712,6 +712,39 @@ class ServeConfig(Strict):
         return keys
 
 
+# ----------------------------------------------------------------------------------------- tracking
+class MlflowConfig(Strict):
+    """An MLflow tracking server (or a local store) that train, tune and eval log to."""
+
+    uri: str = Field(
+        description="tracking URI: a server (http://127.0.0.1:5000), a folder or sqlite:///file.db"
+    )
+    experiment: str = Field("rayllm", description="the experiment the runs are logged under")
+    log_model: bool = Field(False, description="also upload the exported model folder as an artifact")
+
+
+class WandbConfig(Strict):
+    """A Weights & Biases project that train, tune and eval log to."""
+
+    project: str = Field(description="the W&B project")
+    entity: str | None = Field(None, description="the W&B team or user; default: the API key's")
+    mode: Literal["online", "offline"] = Field(
+        "online", description="online: to the W&B server (needs WANDB_API_KEY); offline: to disk only"
+    )
+    dir: str | None = Field(
+        None, description="W&B writes its run folders under <dir>/wandb/; default: the run dir"
+    )
+
+
+class TrackingConfig(Strict):
+    """Experiment trackers (off unless configured): the resolved config as params, every logged
+    step's metrics at their step, tune's trials nested under the search, eval's scores on the run
+    it evaluated; logged by the driver from the run's own files, never by the workers."""
+
+    mlflow: MlflowConfig | None = Field(None, description="log to MLflow; see tracking.mlflow.*")
+    wandb: WandbConfig | None = Field(None, description="log to Weights & Biases; see tracking.wandb.*")
+
+
 # ------------------------------------------------------------------------------------------ cluster
 class ClusterConfig(Strict):
     """The Ray cluster every stage runs on: join one by address, or start a local one."""
@@ -742,6 +775,7 @@ class RunConfig(Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _cross_section(self) -> RunConfig:
@@ -801,7 +835,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         path, value = parse_override(item)
         node = out
         for part in path[:-1]:
-            nxt = node.setdefault(part, {})
+            if node.get(part) is None:  # a section not given yet, or an optional one left unset
+                node[part] = {}
+            nxt = node[part]
             if not isinstance(nxt, dict):
                 raise ConfigError(f"--set {item!r}: {part} is a value, not a section")
             node = nxt

@@ -15,6 +15,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 from rich.console import Console
@@ -24,6 +25,7 @@ from rayllm.errors import ConfigError
 from rayllm.rundir import RunDir
 from rayllm.runtime import ray_session
 from rayllm.stages import NAMES, STAGES, Stage, get
+from rayllm.tracking import Tracked
 
 DEMO_PROMPT = "ROMEO:\n"
 # Train fields that change how long or how observably a run trains, not what it computes per step:
@@ -141,7 +143,8 @@ def run(
     summaries: dict[str, Any] = {}
     given = cfg
     best: RunConfig | None = None
-    with ray_session(cfg.cluster, use_gpu=cfg.train.use_gpu):
+    tracked = Tracked.open(cfg, "run")  # the stages' tracker runs nest under this one
+    with tracked or nullcontext(), ray_session(cfg.cluster, use_gpu=cfg.train.use_gpu):
         for stage in STAGES[: NAMES.index(last) + 1]:
             if not _wanted(stage, cfg):
                 console.print(f"[dim]{stage.name}: off (tune.space is empty)[/]")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -48,11 +49,19 @@ class FollowMetrics:
     """Follows ``path`` (appended jsonl) while a stage of ``total`` steps runs; a context manager.
 
     Lines already in the file when it starts (a resumed run's earlier steps) are not shown again;
-    the time left is estimated from the steps this run has made.
+    the time left is estimated from the steps this run has made. ``sinks`` get every new record
+    (``rayllm.tracking``), from the same thread.
     """
 
-    def __init__(self, path: Path, total: int, label: str, console: Console | None = None) -> None:
-        self.path, self.total, self.label = path, total, label
+    def __init__(
+        self,
+        path: Path,
+        total: int,
+        label: str,
+        console: Console | None = None,
+        sinks: Sequence[Callable[[dict[str, Any]], None]] = (),
+    ) -> None:
+        self.path, self.total, self.label, self.sinks = path, total, label, sinks
         self.console = console or Console(stderr=True)
         self.live = self.console.is_terminal
         self.offset = path.stat().st_size if path.is_file() else 0
@@ -115,6 +124,8 @@ class FollowMetrics:
                 continue
             if isinstance(record, dict) and isinstance(record.get("step"), int):
                 self._show(record)
+                for sink in self.sinks:  # experiment trackers: every record, whatever is shown
+                    sink(record)
 
     def _show(self, record: dict[str, Any]) -> None:
         step = record["step"]
@@ -133,3 +144,130 @@ class FollowMetrics:
         left = max(0.0, (now - t0) / (step - s0) * (self.total - step)) if step > s0 else None
         share = 100 * step // max(self.total, 1)
         print(f"{self.label} step {step}/{self.total} ({share}%)  {figures}  eta {eta(left)}", flush=True)
+
+
+class Count:
+    """Progress of a stage that counts things done (eval's answers and scored programs): a ``rich``
+    bar on a terminal, elsewhere one plain line every ``every_s`` seconds and one at the end.
+    ``advance`` may be called from several threads."""
+
+    def __init__(
+        self, total: int, label: str, unit: str, console: Console | None = None, every_s: float = 10.0
+    ):
+        self.total, self.label, self.unit, self.every_s = total, label, unit, every_s
+        self.console = console or Console(stderr=True)
+        self.done, self.t0, self.shown = 0, time.time(), time.time()
+        self._lock = threading.Lock()
+        self._progress: Progress | None = None
+        self._task: Any = None
+
+    def __enter__(self) -> Count:
+        if self.console.is_terminal:
+            self._progress = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn(self.unit),
+                TimeRemainingColumn(),
+                console=self.console,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task(self.label, total=self.total)
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: Any) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+        elif kind is None and self.total:
+            self._line()
+
+    def advance(self, n: int = 1) -> None:
+        with self._lock:
+            self.done += n
+            if self._progress is not None:
+                self._progress.update(self._task, completed=self.done)
+            elif time.time() - self.shown >= self.every_s and self.done < self.total:
+                self.shown = time.time()
+                self._line()
+
+    def _line(self) -> None:
+        share = 100 * self.done // max(self.total, 1)
+        print(
+            f"{self.label} {self.done}/{self.total} {self.unit} ({share}%)  {time.time() - self.t0:.0f} s",
+            flush=True,
+        )
+
+
+class FollowTrials:
+    """A live table of a search's trials on a terminal (tune): each trial's settings, its latest
+    step, loss and searched metric, read from its own run folder once a second. Off a terminal the
+    search's plain lines (a trial reaching a rung, a promotion) say the same, so this shows nothing."""
+
+    def __init__(self, trials_dir: Path, metric: str, max_steps: int, console: Console | None = None) -> None:
+        self.dir, self.metric, self.max_steps = trials_dir, metric, max_steps
+        self.console = console or Console(stderr=True)
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.offsets: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._follow, name="rayllm-progress-tune", daemon=True)
+        self._live: Any = None
+
+    def __enter__(self) -> FollowTrials:
+        if self.console.is_terminal:
+            from rich.live import Live
+
+            self._live = Live(self._table(), console=self.console, refresh_per_second=2)
+            self._live.start()
+            self._thread.start()
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        if self._live is not None:
+            self._stop.set()
+            self._thread.join()
+            self._live.stop()
+
+    def _follow(self) -> None:
+        while not self._stop.wait(POLL_S):
+            try:
+                self._read()
+                self._live.update(self._table())
+            except OSError:
+                continue
+
+    def _read(self) -> None:
+        for meta in sorted(self.dir.glob("*/trial.json")):
+            name = meta.parent.name
+            row = self.rows.setdefault(name, {"params": json.loads(meta.read_text()).get("params", {})})
+            path = meta.parent / "train" / "metrics.jsonl"
+            if not path.is_file():
+                continue
+            with path.open("rb") as f:
+                f.seek(self.offsets.get(name, 0))
+                chunk = f.read()
+            end = chunk.rfind(b"\n")
+            if end < 0:
+                continue
+            self.offsets[name] = self.offsets.get(name, 0) + end + 1
+            for line in chunk[: end + 1].decode("utf-8", "replace").splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(record, dict) and isinstance(record.get("step"), int):
+                    row["step"] = max(row.get("step", 0), record["step"])
+                    for key in ("loss", self.metric):
+                        if key in record:
+                            row[key] = record[key]
+
+    def _table(self) -> Any:
+        from rich.table import Table
+
+        table = Table(title="tune trials", title_justify="left")
+        for col in ("trial", "settings", "step", "loss", self.metric):
+            table.add_column(col)
+        for name, row in self.rows.items():
+            settings = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in row["params"].items())
+            figures = [f"{row[k]:.4f}" if k in row else "-" for k in ("loss", self.metric)]
+            table.add_row(name, settings, f"{row.get('step', 0)}/{self.max_steps}", *figures)
+        return table

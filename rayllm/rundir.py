@@ -14,6 +14,8 @@ and how they are laid out:
   train/export/                                                     plain Hugging Face folder
   tune/best.yaml  tune/trials/
   run/state.json                                                    `rayllm run` fingerprints
+  tracking.json         the MLflow / W&B run ids of this run's stages (tracking.*): eval logs to its
+                        train's run, a `rayllm run` parent holds the stages' runs
 ```
 
 Packed data may come from another run (``train.data_dir``) and checkpoints may live on any pyarrow
@@ -285,6 +287,10 @@ class RunDir:
         fs, root = filesystem(self.storage)
         if fs.get_file_info(f"{root}/{TRAIN_RUN}").type != pafs.FileType.NotFound:
             fs.delete_dir(f"{root}/{TRAIN_RUN}")
+
+    @property
+    def tracking_path(self) -> Path:
+        return self.root / "tracking.json"
 
     def run_state(self) -> dict[str, Any]:
         """``run/state.json``: what `rayllm run` recorded per stage (fingerprint, inputs, status)."""

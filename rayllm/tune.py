@@ -31,6 +31,7 @@ import random
 import shutil
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +43,10 @@ from rich.table import Table
 from rayllm import stages
 from rayllm.config import RunConfig, apply_overrides, validate_config
 from rayllm.errors import ConfigError, find_user_error
+from rayllm.progress import FollowTrials
 from rayllm.rundir import SPLITS, RunDir, write_json
 from rayllm.runtime import ray_session
+from rayllm.tracking import Tracked
 
 SAMPLERS = ("choice", "grid", "uniform", "loguniform", "randint")
 EXPERIMENT = "tune"
@@ -147,6 +150,7 @@ def trial_config(base: RunConfig, params: dict[str, Any], stop_at: int | None = 
         f"train.eval_at={json.dumps(eval_at)}",
         "train.export=false",
         "train.storage=null",
+        "tracking={}",  # the search logs its trials, nested under its own run
     ]
     raw = apply_overrides(base.dump(), sets)
     return validate_config(raw, origin="tune trial")
@@ -402,7 +406,9 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         tune.report({metric: at_rung[-1][metric], "step": config[STOP_AT]})
 
     t0 = time.time()
-    with ray_session(cfg.cluster, use_gpu=cfg.train.use_gpu):
+    tracked = Tracked.open(cfg, "tune")  # an unreachable tracker stops the search before it starts
+    watch = FollowTrials(out / "trials", metric, tc.max_steps)
+    with tracked or nullcontext(), ray_session(cfg.cluster, use_gpu=cfg.train.use_gpu):
         # Read and materialized once: every trial's workers then start from the object store.
         small = all(manifest.split_gb(s) < cfg.train.cache_data_gb for s in SPLITS)
         splits = {s: rd.data.read(s).materialize() for s in SPLITS} if small else None
@@ -425,7 +431,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                 ),
                 run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out / "ray"), verbose=0),
             )
-        results = tuner.fit()
+        with watch:
+            results = tuner.fit()
         errors = {
             r.config[TRIAL]: str(r.error).splitlines()[0] for r in results if r.error and r.config
         }  # fmt: skip
@@ -440,6 +447,17 @@ def run(cfg: RunConfig) -> dict[str, Any]:
             raise RuntimeError(f"no trial reported {tc.metric}: {[t['error'] for t in trials]}")
         best = min(scored, key=lambda t: t[tc.metric] if tc.mode == "min" else -t[tc.metric])
         export = _export_best(cfg, rd, out, best, train)
+        if tracked:
+            tracked.trials(
+                [
+                    (t["trial_id"], t["params"], _trial_metrics(out / "trials" / t["trial_id"]), t is best)
+                    for t in trials
+                ]
+            )
+            tracked.scores({f"best_{tc.metric}": best[tc.metric]}, best["steps"] or 0)
+            tracked.tag("best_trial", best["trial_id"])
+            if export:
+                tracked.export(export)
     metrics = rd.metrics("tune", replace=True)  # the whole search, restored trials included
     for t in trials:
         metrics.write(**t)

@@ -91,3 +91,47 @@ def test_a_pseudo_terminal_gets_the_live_display_and_a_pipe_the_plain_lines(tmp_
     os.close(leader)
     assert proc.returncode == 0 and stdout == b""
     assert "━" in shown.decode("utf-8", "replace") and b"2/2" in shown
+
+
+def test_counted_work_plain_lines_and_a_bar_on_a_terminal(capsys):
+    """eval's answers and programs: plain lines (at most one per every_s, one at the end) off a
+    terminal; a bar on one, with no plain lines beside it."""
+    from rayllm.progress import Count
+
+    quiet = Console(file=io.StringIO(), force_terminal=False)
+    with Count(4, "eval: generating", "answers", console=quiet, every_s=0.0) as c:
+        c.advance(1)
+        c.advance(2)
+        c.advance(1)
+    lines = [x.rsplit("  ", 1)[0] for x in capsys.readouterr().out.splitlines()]
+    assert lines == [
+        "eval: generating 1/4 answers (25%)",
+        "eval: generating 3/4 answers (75%)",
+        "eval: generating 4/4 answers (100%)",
+    ]
+    screen = io.StringIO()
+    with Count(
+        10, "eval qa: testing", "programs", console=Console(file=screen, force_terminal=True, width=100)
+    ) as c:
+        c.advance(7)
+    assert "eval qa: testing" in screen.getvalue() and "7/10" in screen.getvalue()
+    assert capsys.readouterr().out == ""
+
+
+def test_tune_trials_table_on_a_terminal(tmp_path, monkeypatch):
+    """tune's live table: each trial's settings, latest step, loss and metric from its run folder."""
+    from rayllm.progress import FollowTrials
+
+    monkeypatch.setattr(progress, "POLL_S", 0.05)
+    for name, lr, loss, val in (("t000", 3e-3, 4.5, 4.75), ("t001", 3e-5, 7.25, None)):
+        (tmp_path / name / "train").mkdir(parents=True)
+        (tmp_path / name / "trial.json").write_text(json.dumps({"params": {"train.optimizer.lr": lr}}))
+        append(tmp_path / name / "train" / "metrics.jsonl", step=2, loss=loss)
+        if val is not None:
+            append(tmp_path / name / "train" / "metrics.jsonl", step=4, val_loss=val)
+    screen = io.StringIO()
+    with FollowTrials(tmp_path, "val_loss", 16, console=Console(file=screen, force_terminal=True, width=120)):
+        time.sleep(0.4)
+    shown = screen.getvalue()
+    assert "tune trials" in shown and "lr=0.003" in shown and "lr=3e-05" in shown
+    assert "4/16" in shown and "4.7500" in shown and "7.2500" in shown and "2/16" in shown

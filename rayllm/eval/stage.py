@@ -12,11 +12,13 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import nullcontext
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+from rayllm import tracking
 from rayllm.config import RunConfig
 from rayllm.eval import tasks as downstream
 from rayllm.eval.lm import BlockScorer, totals
@@ -34,10 +36,12 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     if lm:
         rd.data.require("val")
     examples = {t.name: downstream.read_task(t) for t in e.tasks}  # bad task files fail before Ray
+    # The scores go to the run of the train that made the model (its own run for any other model).
+    tracked = tracking.Tracked.open(cfg, "eval", attach="train" if needs_model and not e.model_dir else None)
     out = rd.start_stage(cfg, "eval")
     t0 = time.time()
     summary: dict[str, Any] = {}
-    with ray_session(cfg.cluster, use_gpu=e.gpus_per_actor > 0):
+    with tracked or nullcontext(), ray_session(cfg.cluster, use_gpu=e.gpus_per_actor > 0):
         if lm:
             summary.update(_lm(cfg, rd, model_dir))
         prompts = {name: [r["prompt"] for r in rows] for name, rows in examples.items()}
@@ -61,6 +65,12 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         if scores:
             summary["tasks"] = scores
             _print(scores)
+        if tracked:
+            figures = {f"eval/{k}": v for k, v in summary.items() if k != "tasks"}
+            for name, task_scores in scores.items():
+                figures.update({f"eval/{name}/{k}": v for k, v in task_scores.items() if k != "kind"})
+            trained = rd.summary("train") if not e.model_dir else None
+            tracked.scores(tracking.numbers(figures), (trained or {}).get("steps") or 0)
     summary.update(model_dir=model_dir or e.endpoint, seconds=round(time.time() - t0, 1))
     writer = rd.metrics("eval")
     writer.write(**summary)

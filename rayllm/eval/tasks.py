@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import re
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,8 +21,7 @@ from typing import Any
 from rayllm.config import EvalConfig, EvalTaskConfig
 from rayllm.errors import DataError
 from rayllm.eval import metrics
-
-log = logging.getLogger("rayllm")
+from rayllm.progress import Count
 
 
 def read_task(task: EvalTaskConfig) -> list[dict[str, Any]]:
@@ -150,15 +147,12 @@ def generate_local(
                 )
     with ray_init_again_quietly():
         processor = _processor(model_dir, e, context, list(chat.stops(tokenizer)))
-    t0, shown, done = time.time(), time.time(), 0
-    for b in processor(ray.data.from_items(rows)).iter_batches(batch_format="pyarrow", batch_size=None):
-        for key, text in zip(b.column("key").to_pylist(), b.column("text").to_pylist(), strict=True):
-            name, i, j = json.loads(key)
-            answers[name][i][j] = text.strip()
-        done += b.num_rows
-        if time.time() - shown > 10:  # progress on a long generation, every 10 s at most
-            shown = time.time()
-            log.info("eval: %d of %d answers (%.0f s)", done, len(rows), shown - t0)
+    with Count(len(rows), "eval: generating", "answers") as progress:
+        for b in processor(ray.data.from_items(rows)).iter_batches(batch_format="pyarrow", batch_size=None):
+            for key, text in zip(b.column("key").to_pylist(), b.column("text").to_pylist(), strict=True):
+                name, i, j = json.loads(key)
+                answers[name][i][j] = text.strip()
+            progress.advance(b.num_rows)
     return answers
 
 
@@ -189,8 +183,15 @@ def generate_remote(
                 )
             return [c["message"]["content"].strip() for c in r.json()["choices"]]
 
-        with ThreadPoolExecutor(8) as pool:
-            return list(pool.map(ask, range(len(prompts))))
+        with Count(len(prompts), f"eval {task.name}: asking {endpoint}", "prompts") as progress:
+
+            def counted(i: int) -> list[str]:
+                answer = ask(i)
+                progress.advance()
+                return answer
+
+            with ThreadPoolExecutor(8) as pool:
+                return list(pool.map(counted, range(len(prompts))))
 
 
 def score(
@@ -212,10 +213,14 @@ def score(
     elif task.kind == "classification":
         figures = metrics.classification(first, refs)
     else:
-        results = [
-            [metrics.run_tests(_program(c), r["tests"], task.timeout_s, task.memory_mb) for c in a]
-            for r, a in zip(rows, answers, strict=True)
-        ]
+        with Count(sum(len(a) for a in answers), f"eval {task.name}: testing", "programs") as progress:
+
+            def tested(program: str, tests: str) -> dict[str, Any]:
+                result = metrics.run_tests(_program(program), tests, task.timeout_s, task.memory_mb)
+                progress.advance()
+                return result
+
+            results = [[tested(c, r["tests"]) for c in a] for r, a in zip(rows, answers, strict=True)]
         for record, res in zip(records, results, strict=True):
             record["passed"] = [x["passed"] for x in res]
             record["reasons"] = [x["reason"] for x in res]

@@ -27,6 +27,7 @@ from rayllm.rundir import (
     read_checkpoint_state,
 )
 from rayllm.runtime import ray_session
+from rayllm.tracking import Tracked
 
 
 def check_compatible(cfg: RunConfig, manifest: Manifest) -> None:
@@ -152,28 +153,38 @@ def run(cfg: RunConfig, splits: dict[str, Any] | None = None) -> dict[str, Any]:
         for p in (out / METRICS, out / TENSORBOARD):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     t0 = time.time()
-    ckpt, error = finished_checkpoint(rd, t.end_step), None
-    if ckpt is None:
-        # A tune trial (splits given) runs in a Tune actor: its search reports the trials instead.
-        watch = FollowMetrics(out / METRICS, t.end_step, "train") if splits is None else nullcontext()
-        with ray_session(cfg.cluster, use_gpu=t.use_gpu), watch:
-            result = trainer(cfg, out, splits).fit()
-        ckpt, error = result.checkpoint, result.error
-    seconds = time.time() - t0
-    # Rows without a step: validation rows from runs before they named it (events carry theirs).
-    rows = [r for r in rd.read_metrics("train") if "step" in r]
-    summary = summarize(rows)
-    plot_losses(rows, out / "loss.png")
-    summary.update(seconds=round(seconds, 1), data_dir=str(rd.data.dir), checkpoint=None, export_dir=None)
-    if ckpt is not None:
-        # The latest checkpoint Ray registered; as_directory() downloads it when storage is remote.
-        summary["checkpoint"] = ckpt.path
-        if t.export:
-            with ckpt.as_directory() as d:
-                export = export_checkpoint(Path(d), rd.export_dir, rd.data.tokenizer_dir, cfg.public())
-                summary["export_dir"] = str(export)
-    if error:
-        raise error
+    # A tune trial (splits given) runs in a Tune actor: its search reports and tracks the trials.
+    resuming = t.resume and latest_checkpoint_step(rd.storage) is not None
+    tracked = Tracked.open(cfg, "train", resume=resuming) if splits is None else None
+    with tracked or nullcontext():
+        ckpt, error = finished_checkpoint(rd, t.end_step), None
+        if ckpt is None:
+            sinks = [tracked.record] if tracked else []
+            watch = (
+                FollowMetrics(out / METRICS, t.end_step, "train", sinks=sinks)
+                if splits is None
+                else nullcontext()
+            )
+            with ray_session(cfg.cluster, use_gpu=t.use_gpu), watch:
+                result = trainer(cfg, out, splits).fit()
+            ckpt, error = result.checkpoint, result.error
+        seconds = time.time() - t0
+        # Rows without a step: validation rows from runs before they named it (events carry theirs).
+        rows = [r for r in rd.read_metrics("train") if "step" in r]
+        summary = summarize(rows)
+        plot_losses(rows, out / "loss.png")
+        summary.update(seconds=round(seconds, 1), data_dir=str(rd.data.dir), checkpoint=None, export_dir=None)
+        if ckpt is not None:
+            # The latest checkpoint Ray registered; as_directory() downloads it when storage is remote.
+            summary["checkpoint"] = ckpt.path
+            if t.export:
+                with ckpt.as_directory() as d:
+                    export = export_checkpoint(Path(d), rd.export_dir, rd.data.tokenizer_dir, cfg.public())
+                    summary["export_dir"] = str(export)
+                if tracked:
+                    tracked.export(summary["export_dir"])
+        if error:
+            raise error
     rd.write_summary("train", summary)
     return summary
 
