@@ -37,6 +37,28 @@ def describe(record: dict[str, Any], last_val: float | None) -> str:
     return "  ".join(parts)
 
 
+def new_records(path: Path, offset: int) -> tuple[int, list[dict[str, Any]]]:
+    """The step records of the whole lines appended to a metrics file since ``offset`` (a line still
+    being written waits for the next read), and the offset to read from next."""
+    if not path.is_file():
+        return offset, []
+    with path.open("rb") as f:
+        f.seek(offset)
+        chunk = f.read()
+    end = chunk.rfind(b"\n")
+    if end < 0:
+        return offset, []
+    records = []
+    for line in chunk[: end + 1].decode("utf-8", "replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+    return offset + end + 1, records
+
+
 def eta(seconds: float | None) -> str:
     if seconds is None:
         return "?"
@@ -108,24 +130,11 @@ class FollowMetrics:
                 continue
 
     def _read(self) -> None:
-        if not self.path.is_file():
-            return
-        with self.path.open("rb") as f:
-            f.seek(self.offset)
-            chunk = f.read()
-        end = chunk.rfind(b"\n")
-        if end < 0:
-            return  # no whole line yet
-        self.offset += end + 1
-        for line in chunk[: end + 1].decode("utf-8", "replace").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and isinstance(record.get("step"), int):
-                self._show(record)
-                for sink in self.sinks:  # experiment trackers: every record, whatever is shown
-                    sink(record)
+        self.offset, records = new_records(self.path, self.offset)
+        for record in records:
+            self._show(record)
+            for sink in self.sinks:  # experiment trackers: every record, whatever is shown
+                sink(record)
 
     def _show(self, record: dict[str, Any]) -> None:
         step = record["step"]
@@ -239,26 +248,12 @@ class FollowTrials:
         for meta in sorted(self.dir.glob("*/trial.json")):
             name = meta.parent.name
             row = self.rows.setdefault(name, {"params": json.loads(meta.read_text()).get("params", {})})
-            path = meta.parent / "train" / "metrics.jsonl"
-            if not path.is_file():
-                continue
-            with path.open("rb") as f:
-                f.seek(self.offsets.get(name, 0))
-                chunk = f.read()
-            end = chunk.rfind(b"\n")
-            if end < 0:
-                continue
-            self.offsets[name] = self.offsets.get(name, 0) + end + 1
-            for line in chunk[: end + 1].decode("utf-8", "replace").splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(record, dict) and isinstance(record.get("step"), int):
-                    row["step"] = max(row.get("step", 0), record["step"])
-                    for key in ("loss", self.metric):
-                        if key in record:
-                            row[key] = record[key]
+            self.offsets[name], records = new_records(
+                meta.parent / "train" / "metrics.jsonl", self.offsets.get(name, 0)
+            )
+            for record in records:
+                row["step"] = max(row.get("step", 0), record["step"])
+                row.update({k: record[k] for k in ("loss", self.metric) if k in record})
 
     def _table(self) -> Any:
         from rich.table import Table
