@@ -171,9 +171,6 @@ class PackedData:
             field = ".".join(str(x) for x in e.errors()[0]["loc"])
             raise RunDirError(f"{p}: not a rayllm prep manifest ({field}: {e.errors()[0]['msg']})") from None
 
-    def raw_manifest(self) -> dict[str, Any]:
-        return json.loads(self.manifest_path.read_text(encoding="utf-8"))
-
     def require(self, split: str) -> Path:
         d = self.split_dir(split)
         if not d.is_dir():

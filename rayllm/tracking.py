@@ -13,10 +13,12 @@ cannot be reached stops the stage before anything starts (one line, exit 2).
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
 import sys
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -81,7 +83,7 @@ class _Mlflow:
             from mlflow import MlflowClient
         except ImportError:
             raise ConfigError("tracking.mlflow needs the mlflow package: pip install mlflow") from None
-        self.cfg, self.conf = cfg, m
+        self.conf = m
         self.client = MlflowClient(tracking_uri=m.uri)
         try:
             found = self.client.get_experiment_by_name(m.experiment)
@@ -107,28 +109,32 @@ class _Mlflow:
         self, name: str, params: dict[str, Any], rows: list[dict[str, Any]], tags: dict[str, str]
     ) -> None:
         """A run nested under this one (a tune trial): its settings, metric history and tags."""
-        child = _Mlflow.__new__(_Mlflow)
-        child.client, child.conf, child.experiment = self.client, self.conf, self.experiment
-        child.start(name, tags, self.run_id)
-        child.params(params)
+        tags = {**tags, "mlflow.parentRunId": str(self.run_id)}
+        run_id = self.client.create_run(self.experiment, run_name=name, tags=tags).info.run_id
+        self._params(run_id, params)
         for r in rows:
-            child.metrics(numbers(r), r["step"], r.get("time"))
-        child.end(True)
+            self._metrics(run_id, numbers(r), r["step"], r.get("time"))
+        self.client.set_terminated(run_id, "FINISHED")
 
     def params(self, params: dict[str, Any]) -> None:
+        self._params(str(self.run_id), params)
+
+    def metrics(self, values: dict[str, float], step: int, timestamp: float | None = None) -> None:
+        self._metrics(str(self.run_id), values, step, timestamp)
+
+    def _params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):  # the server takes at most 100 params a batch
-            self.client.log_batch(self.run_id, params=items[i : i + 100])
+            self.client.log_batch(run_id, params=items[i : i + 100])
 
-    def metrics(self, values: dict[str, float], step: int, timestamp: float | None = None) -> None:
+    def _metrics(self, run_id: str, values: dict[str, float], step: int, timestamp: float | None) -> None:
         from mlflow.entities import Metric
 
-        ms = int(1000 * (timestamp or 0)) or None
-        items = [Metric(k, v, ms or 0, step) for k, v in values.items()]
-        if items:
-            self.client.log_batch(self.run_id, metrics=items)
+        ms = int(1000 * (timestamp or time.time()))  # when rank 0 logged the step, when known
+        if values:
+            self.client.log_batch(run_id, metrics=[Metric(k, v, ms, step) for k, v in values.items()])
 
     def tag(self, key: str, value: str) -> None:
         self.client.set_tag(self.run_id, key, value)
@@ -141,6 +147,21 @@ class _Mlflow:
         self.client.set_terminated(self.run_id, "FINISHED" if ok else "FAILED")
 
 
+def _wandb_key() -> bool:
+    """Whether W&B has an API key: $WANDB_API_KEY, or the ~/.netrc entry `wandb login` writes for
+    the server ($WANDB_BASE_URL, default api.wandb.ai). Checked so that a run never stops at a prompt."""
+    import netrc
+    from urllib.parse import urlparse
+
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or ""
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
 class _Wandb:
     key = "wandb"
 
@@ -151,7 +172,7 @@ class _Wandb:
             import wandb
         except ImportError:
             raise ConfigError("tracking.wandb needs the wandb package: pip install wandb") from None
-        if w.mode == "online" and not (os.environ.get("WANDB_API_KEY") or wandb.Api.api_key_from_netrc()):
+        if w.mode == "online" and not _wandb_key():
             raise ConfigError(
                 "tracking.wandb.mode=online needs an API key ($WANDB_API_KEY or `wandb login`); "
                 "mode: offline writes the runs to disk for `wandb sync`"
@@ -160,7 +181,9 @@ class _Wandb:
         self.dir = Path(w.dir or cfg.run_dir).expanduser()  # W&B writes <dir>/wandb/<run>/
         self.run: Any = None
 
-    def start(self, name: str, tags: dict[str, str], parent: str | None, run_id: str | None = None) -> str:
+    def start(
+        self, name: str | None, tags: dict[str, str], parent: str | None, run_id: str | None = None
+    ) -> str:
         self.dir.mkdir(parents=True, exist_ok=True)
         settings = self.wandb.Settings(silent=True, console="off", x_disable_stats=True)
         labels = [v[:64] for k, v in tags.items() if k != "run_dir"]  # W&B tags: 64 characters at most
@@ -179,7 +202,7 @@ class _Wandb:
         return self.run.id
 
     def attach(self, run_id: str) -> None:
-        self.start("eval", {"stage": "eval"}, None, run_id=run_id)
+        self.start(None, {"stage": "eval"}, None, run_id=run_id)  # the run keeps its name
 
     def handle(self) -> str:
         return str(self.run.group or self.run.name)
@@ -188,8 +211,7 @@ class _Wandb:
         self, name: str, params: dict[str, Any], rows: list[dict[str, Any]], tags: dict[str, str]
     ) -> None:
         """A run in this run's group (a tune trial): its settings, metric history and tags."""
-        child = _Wandb.__new__(_Wandb)
-        child.wandb, child.conf, child.dir, child.run = self.wandb, self.conf, self.dir, None
+        child = copy.copy(self)  # the same project and folder, a run of its own
         child.start(name, tags, self.handle())
         child.params(params)
         for r in rows:

@@ -128,17 +128,29 @@ def test_train_eval_and_tune_log_to_a_real_mlflow_server(ray_cluster, prepped, t
     assert client.get_run(parent).data.tags["best_trial"] == searched["best_trial"]
 
 
-def test_an_unreachable_tracker_is_one_line_and_exit_2(prepped, tmp_path):
-    """Before Ray starts: the URI, why, exit 2; nothing trains."""
-    port = _free_port()  # nothing listens there
-    cmd = [sys.executable, "-m", "rayllm", "train", "--run-dir", str(tmp_path),
-           "--set", f"train.data_dir={Path(prepped.run_dir) / 'prep'}",
-           "--set", f"tracking.mlflow.uri=http://127.0.0.1:{port}"]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+@pytest.mark.parametrize("tracker", ["mlflow", "wandb"])
+def test_an_unreachable_tracker_is_one_line_and_exit_2(prepped, tmp_path, tracker):
+    """Before Ray starts: what to fix, exit 2; nothing trains. MLflow: a URI nothing listens on; W&B
+    online without an API key (no $WANDB_API_KEY, no ~/.netrc), which would otherwise prompt."""
+    port = _free_port()
+    setting = (
+        f"tracking.mlflow.uri=http://127.0.0.1:{port}" if tracker == "mlflow" else "tracking.wandb.project=ci"
+    )
+    cmd = [sys.executable, "-m", "rayllm", "train", "--run-dir", str(tmp_path / "run"),
+           "--set", f"train.data_dir={Path(prepped.run_dir) / 'prep'}", "--set", setting]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=120, env={**env, "HOME": str(tmp_path)}
+    )
     assert done.returncode == 2, done.stderr[-2000:]
     lines = [x for x in done.stderr.splitlines() if x.strip()]
-    assert len(lines) == 1 and f"tracking.mlflow.uri: cannot reach http://127.0.0.1:{port}" in lines[0], lines
-    assert not (tmp_path / "train" / "metrics.jsonl").exists()
+    expected = (
+        f"tracking.mlflow.uri: cannot reach http://127.0.0.1:{port}"
+        if tracker == "mlflow"
+        else "tracking.wandb.mode=online needs an API key"
+    )
+    assert len(lines) == 1 and expected in lines[0], lines
+    assert not (tmp_path / "run" / "train" / "metrics.jsonl").exists()
 
 
 def test_wandb_offline_run_holds_the_metric_history(ray_cluster, prepped, tmp_path):

@@ -16,7 +16,7 @@ import torch
 from conftest import tiny_config
 
 from rayllm.config import RunConfig, load_config
-from rayllm.errors import ConfigError
+from rayllm.errors import ConfigError, RunDirError
 
 
 def run_cfg(prepped: RunConfig, run_dir: Path, model: dict | None = None, **train) -> RunConfig:
@@ -299,7 +299,7 @@ def test_bad_configuration_fails_before_workers(prepped, tmp_path):
     raw["train"]["data_dir"] = str(Path(prepped.run_dir) / "prep")
     with pytest.raises(ConfigError, match=r"data\.seq_len=32 \(from the prep manifest\) exceeds"):
         fit(RunConfig.model_validate(raw))
-    with pytest.raises(Exception, match=r"manifest\.json not found"):
+    with pytest.raises(RunDirError, match=r"manifest\.json not found"):
         fit(tiny_config(tmp_path / "empty", tmp_path))
 
 
@@ -307,7 +307,6 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(ray_cluster, p
     """A bit flip in the newest checkpoint: the resume skips it (saying which one and why) and
     continues from the checkpoint before it, also when that newest one had finished the run; export
     refuses the corrupt one."""
-    from rayllm.errors import RunDirError
     from rayllm.rundir import RunDir, registered_checkpoints
     from rayllm.train.export import export_checkpoint
     from rayllm.train.stage import run as fit

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from rayllm.model.engine import DTYPES
+from rayllm.model.engine import DTYPES, resolve_dtype
 from rayllm.rundir import INPUT_IDS, LOSS_MASK, POSITION_IDS
 
 
@@ -25,8 +25,7 @@ class BlockScorer:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu":
             torch.set_num_threads(1)
-        if dtype == "auto":
-            dtype = "bf16" if self.device.type == "cuda" else "fp32"
+        dtype = resolve_dtype(dtype, gpu=self.device.type == "cuda")
         lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, DTYPES[dtype]))
         lm = lm.to(self.device).eval()
         self.objective = NextTokenLoss(lm, resolve_impl("auto", lm, torch.device("cpu")))

@@ -82,10 +82,10 @@ def _processor(model_dir: str, e: EvalConfig, context: int, stop: list[str]) -> 
     """Ray Data LLM's vLLM processor: token ids and sampling settings in, answer text out."""
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
-    from rayllm.model.engine import vllm_bundles, vllm_engine_kwargs
+    from rayllm.model.engine import resolve_dtype, vllm_bundles, vllm_engine_kwargs
 
     gpus = e.gpus_per_actor
-    dtype = "bf16" if e.dtype == "auto" and gpus > 0 else e.dtype
+    dtype = resolve_dtype(e.dtype, gpu=gpus > 0)
     return build_processor(
         vLLMEngineProcessorConfig(
             model_source=model_dir,

@@ -10,6 +10,11 @@ DTYPES = {"auto": "auto", "fp32": "float32", "bf16": "bfloat16", "fp16": "float1
 CPU_KV_CACHE_GB = 1.0
 
 
+def resolve_dtype(dtype: str, gpu: bool) -> str:
+    """eval's precision: ``auto`` is bf16 on GPUs, fp32 on CPUs (where bf16 matmuls are slow)."""
+    return ("bf16" if gpu else "fp32") if dtype == "auto" else dtype
+
+
 def vllm_engine_kwargs(
     *,
     dtype: str,
