@@ -130,6 +130,18 @@ def test_clean_steps():
     assert clean_text("the cat sat on the mat", on) == "cat sat mat"
 
 
+@pytest.mark.parametrize("form", ["NFC", "NFKC", "NFD", "NFKD"])
+def test_unicode_normalization_is_right_whatever_the_pyarrow(form):
+    """pyarrow 25.0.1's utf8_normalize decomposes for NFC/NFKC: prep checks it and uses Python's then."""
+    import unicodedata
+
+    from rayllm.prep.clean import _normalize
+
+    samples = ["Cafe\u0301", "Caf\u00e9", "\ufb01ne", "한국어", "中文", None]
+    expected = [None if t is None else unicodedata.normalize(form, t) for t in samples]
+    assert _normalize(pa.array(samples, pa.string()), form).to_pylist() == expected
+
+
 def test_clean_batch_reasons_in_rule_order():
     texts = ["   \n ", "short", "x" * 50, "a fine document of some length", ""]
     rows = pa.Table.from_pylist(

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import re
-from functools import lru_cache
+import unicodedata
+from functools import cache, lru_cache
 from typing import Any
 
 import numpy as np
@@ -33,10 +34,27 @@ def _stopwords(language: str) -> frozenset[str]:
     return frozenset(get_stop_words(language))
 
 
+@cache
+def _arrow_normalizes(form: str) -> bool:
+    """Whether this pyarrow's ``utf8_normalize`` gives ``form`` (pyarrow 25.0.1 returns decomposed
+    text for NFC and NFKC, which would leave composed and decomposed copies of a document apart)."""
+    sample = "Cafe\u0301 Caf\u00e9 \ufb01"
+    return pc.utf8_normalize(pa.array([sample]), form=form)[0].as_py() == unicodedata.normalize(form, sample)
+
+
+def _normalize(texts: pa.Array, form: str) -> pa.Array:
+    if _arrow_normalizes(form):
+        return pc.utf8_normalize(texts, form=form)
+    # Python's own, as fast on text that is already normalized (a quick check first).
+    return pa.array(
+        [None if t is None else unicodedata.normalize(form, t) for t in texts.to_pylist()], pa.string()
+    )
+
+
 def clean_texts(texts: pa.Array, cfg: CleanConfig) -> pa.Array:
     """Clean a column of documents with Arrow's vectorized string kernels (no per-document Python)."""
     if cfg.normalize != "none":
-        texts = pc.utf8_normalize(texts, form=cfg.normalize)
+        texts = _normalize(texts, cfg.normalize)
     texts = pc.replace_substring(pc.replace_substring(texts, "\r\n", "\n"), "\r", "\n")
     if cfg.strip_control:
         texts = pc.replace_substring_regex(texts, _CONTROL, "")
