@@ -82,7 +82,9 @@ class _Mlflow:
         try:
             from mlflow import MlflowClient
         except ImportError:
-            raise ConfigError("tracking.mlflow needs the mlflow package: pip install mlflow") from None
+            raise ConfigError(
+                "tracking.mlflow needs MLflow's client: pip install 'rayllm[tracking]'"
+            ) from None
         self.conf = m
         self.client = MlflowClient(tracking_uri=m.uri)
         try:
@@ -171,7 +173,7 @@ class _Wandb:
         try:
             import wandb
         except ImportError:
-            raise ConfigError("tracking.wandb needs the wandb package: pip install wandb") from None
+            raise ConfigError("tracking.wandb needs wandb: pip install 'rayllm[tracking]'") from None
         if w.mode == "online" and not _wandb_key():
             raise ConfigError(
                 "tracking.wandb.mode=online needs an API key ($WANDB_API_KEY or `wandb login`); "
