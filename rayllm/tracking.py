@@ -19,7 +19,6 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -249,7 +248,7 @@ class Tracked:
     """
 
     def __init__(self, cfg: RunConfig, stage: str, attach: str | None = None, resume: bool = False) -> None:
-        self.cfg, self.stage, self.warned = cfg, stage, False
+        self.stage, self.warned = stage, False
         self.trackers: list[Any] = []
         if cfg.tracking.mlflow is not None:
             self.trackers.append(_Mlflow(cfg))
@@ -300,10 +299,6 @@ class Tracked:
         if isinstance(record.get("step"), int):
             for t in self.trackers:
                 self._safely(t.metrics, numbers(record), record["step"], record.get("time"))
-
-    def records(self, rows: Iterable[dict[str, Any]]) -> None:
-        for r in rows:
-            self.record(r)
 
     def scores(self, values: dict[str, float], step: int = 0) -> None:
         for t in self.trackers:

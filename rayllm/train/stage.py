@@ -13,6 +13,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+from rayllm import tracking
 from rayllm.config import RunConfig
 from rayllm.errors import ConfigError, RunDirError
 from rayllm.model.build import context_length, model_config
@@ -27,7 +28,6 @@ from rayllm.rundir import (
     read_checkpoint_state,
 )
 from rayllm.runtime import ray_session
-from rayllm.tracking import Tracked
 
 
 def check_compatible(cfg: RunConfig, manifest: Manifest) -> None:
@@ -154,8 +154,10 @@ def run(cfg: RunConfig, splits: dict[str, Any] | None = None) -> dict[str, Any]:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     t0 = time.time()
     # A tune trial (splits given) runs in a Tune actor: its search reports and tracks the trials.
-    resuming = t.resume and latest_checkpoint_step(rd.storage) is not None
-    tracked = Tracked.open(cfg, "train", resume=resuming) if splits is None else None
+    tracked = None
+    if splits is None and tracking.enabled(cfg):
+        resuming = t.resume and latest_checkpoint_step(rd.storage) is not None
+        tracked = tracking.Tracked(cfg, "train", resume=resuming)
     with tracked or nullcontext():
         ckpt, error = finished_checkpoint(rd, t.end_step), None
         if ckpt is None:
