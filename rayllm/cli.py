@@ -74,6 +74,8 @@ class WithoutRayNotices:
     NOTICES = (
         # Serve's controller ends itself inside its graceful_shutdown task, on every serve.shutdown().
         re.compile(r"^(\x1b\[[0-9;]*m)?\(raylet\)(\x1b\[0m)? Task ServeController\.graceful_shutdown failed"),
+        # The raylet's advice when many workers start at once (a stage's actor pools and vLLM's do).
+        re.compile(r"^(\x1b\[[0-9;]*m)?\(raylet\)(\x1b\[0m)? WARNING: \d+ PYTHON worker processes have been"),
     )
 
     def __init__(self, stream: Any) -> None:

@@ -132,8 +132,9 @@ def test_settings_that_cannot_work_are_one_line_exit_2(tmp_path: Path, args: lis
 
 
 def test_stdout_drops_rays_own_notices_and_keeps_everything_else():
-    """Without --verbose the CLI's stdout drops the raylet's notice about Serve's shutdown, which Ray
-    prints (colored, in two writes) on every serve.shutdown(); other lines pass whole and in order."""
+    """Without --verbose the CLI's stdout drops the raylet's notices about Serve's shutdown, which Ray
+    prints (colored, in two writes) on every serve.shutdown(), and about many workers starting at
+    once; other lines, other raylet lines included, pass whole and in order."""
     import io
 
     from rayllm.cli import WithoutRayNotices
@@ -145,6 +146,11 @@ def test_stdout_drops_rays_own_notices_and_keeps_everything_else():
         "\x1b[33m(raylet)\x1b[0m Task ServeController.graceful_shutdown failed. There are infinite retries "
         "remaining, so the task will be retried. Error: The actor is dead because it was killed by "
         "`ray.kill`.",
+        file=quiet,
+    )
+    print(
+        "\x1b[33m(raylet)\x1b[0m WARNING: 10 PYTHON worker processes have been started on node: abc with "
+        "address: 192.0.2.2, which is 5x the maximum expected startup concurrency (2).",
         file=quiet,
     )
     quiet.write("partial ")
