@@ -410,6 +410,14 @@ def test_eval_cli_scores_a_task_and_names_a_bad_line(ray_cluster, tmp_path: Path
     assert bad.returncode == 2
     assert f"{qa}:4: malformed JSON" in " ".join(bad.stderr.split()), bad.stdout + bad.stderr
 
+    # A prompt the model's context (128 positions) cannot hold: one line naming the task and example.
+    qa.write_text(json.dumps({"prompt": "word " * 300, "completion": "x"}) + "\n", encoding="utf-8")
+    long = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    lines = [x for x in long.stderr.splitlines() if x.strip()]
+    assert long.returncode == 2, long.stderr[-3000:]
+    assert len(lines) == 1 and "eval.tasks[qa].file: example 1 is" in lines[0], lines
+    assert "the model's context is 128" in lines[0]
+
 
 def _transformers_greedy(model_dir: Path, prompts: list[str], max_new_tokens: int) -> list[str]:
     """The reference: each prompt through the chat template, greedy `generate` one at a time in fp32,
