@@ -35,8 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from rayllm.config import ClusterConfig  # noqa: E402
-from rayllm.rundir import registered_checkpoints  # noqa: E402
 from rayllm.runtime import init_ray, resolve_pkg  # noqa: E402
+from rayllm.train.checkpoint import registered  # noqa: E402
 
 INTERVAL = 25  # train.checkpoint_every
 STEPS = 200
@@ -115,7 +115,7 @@ class Bench:
         return max([r["step"] for r in self.metrics(run) if "loss" in r], default=0)
 
     def registered(self, run: Path) -> list[Any]:
-        return registered_checkpoints(str(run / "train" / "ray"))
+        return registered(str(run / "train" / "ray"))
 
     def registered_step(self, run: Path) -> int:
         """The step of the newest checkpoint Ray Train had registered (the one a restart must use)."""

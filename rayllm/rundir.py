@@ -33,13 +33,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow.fs as pafs
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from rayllm.config import RunConfig, validate_config
 from rayllm.errors import RunDirError
-from rayllm.runtime import filesystem, is_uri
+from rayllm.runtime import is_uri, log_to_file
 
 log = logging.getLogger("rayllm")
 
@@ -52,19 +51,6 @@ TOKENIZER = "tokenizer"
 INPUT_IDS = "input_ids"
 POSITION_IDS = "position_ids"  # restart after each EOS: attention does not cross documents
 LOSS_MASK = "loss_mask"  # 1 where the token is a training target (SFT: the answer), 0 elsewhere
-# Ray Train storage: <storage>/<TRAIN_RUN>/checkpoint_*/, registered in the manager snapshot.
-TRAIN_RUN = "train"
-CKPT_TAG = "ckpt"
-STATE_FILE = "rayllm_state.json"
-EXPORT_INFO = "rayllm_export.json"
-EXPORT_CONFIG = "rayllm_config.yaml"  # the training run's config beside its exported weights
-
-
-def rng_file(rank: int) -> str:
-    return f"rng_rank{rank}.pt"
-
-
-CHECKSUMS = "checksums_rank{rank}.json"  # sha256 of every file one rank wrote into a checkpoint
 
 
 # ------------------------------------------------------------------------------------- stage files
@@ -98,17 +84,6 @@ def write_json(path: Path, data: Any) -> Path:
     tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
     tmp.replace(path)
     return path
-
-
-def _log_to(path: Path) -> None:
-    """One file handler per stage log on the ``rayllm`` logger (the console stays quiet)."""
-    log.setLevel(logging.INFO)
-    log.propagate = False
-    if any(getattr(h, "baseFilename", None) == str(path) for h in log.handlers):
-        return
-    handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    log.addHandler(handler)
 
 
 # ------------------------------------------------------------------------------------ packed data
@@ -177,29 +152,49 @@ class PackedData:
             raise RunDirError(f"{d} not found: run `rayllm prep` (with data.val_fraction > 0) first")
         return d
 
-    def shard_paths(self, split: str) -> list[str]:
-        """The split's shards as the manifest lists them, in order: only shards a finished prep
-        wrote and checksummed, never a leftover of an interrupted one."""
+    def shards(self, split: str) -> list[tuple[str, int]]:
+        """The split's shards as the manifest lists them, in order, with their rows: only shards a
+        finished prep wrote and checksummed, never a leftover of an interrupted one."""
         self.require(split)
-        shards = self.manifest().model_extra.get("shards") or []
-        paths = [str(self.dir / s["path"]) for s in shards if s["split"] == split]
-        if not paths:
+        listed = self.manifest().model_extra.get("shards") or []
+        shards = [(str(self.dir / s["path"]), int(s["rows"])) for s in listed if s["split"] == split]
+        if not shards:
             raise RunDirError(
                 f"{self.manifest_path} lists no {split} shards: re-run `rayllm prep` with more data"
             )
-        missing = [p for p in paths if not Path(p).is_file()]
+        missing = [p for p, _ in shards if not Path(p).is_file()]
         if missing:
             raise RunDirError(
                 f"{missing[0]} is listed in {self.manifest_path} but missing: re-run `rayllm prep`"
             )
-        return paths
+        return shards
 
-    def read(self, split: str) -> Any:
-        """A split's packed blocks as a Ray Data dataset, rows in file order whatever the driver's
-        context says: train's exact resume and eval's ``max_batches`` both mean "the first rows"."""
+    def read(self, split: str, start: int = 0) -> Any:
+        """A split's packed blocks from row ``start`` on, as a Ray Data dataset in file order whatever
+        the driver's context says (train's exact resume and eval's ``max_batches`` both mean "these
+        rows"). The shards before ``start`` are not read: the manifest knows their rows, and of the
+        shard holding ``start`` only its row groups from there on are."""
+        import pyarrow.parquet as pq
         import ray.data
 
-        ds = ray.data.read_parquet(self.shard_paths(split))
+        shards, skipped = self.shards(split), 0
+        while shards and skipped + shards[0][1] <= start:
+            skipped += shards.pop(0)[1]
+        if not shards:
+            raise RunDirError(f"{self.manifest_path}: row {start} is past the end of the {split} split")
+        offset, paths = start - skipped, [path for path, _ in shards]
+        if not offset:
+            ds = ray.data.read_parquet(paths)
+        else:
+            first = pq.ParquetFile(paths[0])
+            group, before = 0, 0
+            while before + first.metadata.row_group(group).num_rows <= offset:
+                before += first.metadata.row_group(group).num_rows
+                group += 1
+            tail = first.read_row_groups(range(group, first.num_row_groups)).slice(offset - before)
+            ds = ray.data.from_arrow(tail)
+            if paths[1:]:
+                ds = ds.union(ray.data.read_parquet(paths[1:]))
         ds.context.execution_options.preserve_order = True
         return ds
 
@@ -244,7 +239,7 @@ class RunDir:
         (d / CONFIG).write_text(
             yaml.safe_dump(cfg.public(), sort_keys=False, allow_unicode=True), encoding="utf-8"
         )
-        _log_to(d / LOG)
+        log_to_file(d / LOG)
         log.info("%s: run_dir=%s", name, self.root)
         return d
 
@@ -270,20 +265,10 @@ class RunDir:
     def read_metrics(self, name: str) -> list[dict[str, Any]]:
         return read_jsonl(self.stage(name, create=False) / METRICS)
 
-    # ------------------------------------------------------------------------------ checkpoints
+    # ------------------------------------------------------------------------------ run files
     @property
     def export_dir(self) -> Path:
         return self.root / "train" / "export"
-
-    def latest_checkpoint(self) -> Any:
-        """The newest checkpoint Ray Train registered (never a half-written one), or None."""
-        return next(iter(registered_checkpoints(self.storage)), None)
-
-    def clear_checkpoints(self) -> None:
-        """``train.resume: false``: forget the previous run's checkpoints, wherever they live."""
-        fs, root = filesystem(self.storage)
-        if fs.get_file_info(f"{root}/{TRAIN_RUN}").type != pafs.FileType.NotFound:
-            fs.delete_dir(f"{root}/{TRAIN_RUN}")
 
     @property
     def tracking_path(self) -> Path:
@@ -324,87 +309,7 @@ def model_folder(path: Path, origin: str, field: str = "model_dir") -> str:
     return str(path.resolve())
 
 
-# ----------------------------------------------------------------------------- checkpoint files
-def _checkpoint_results(storage: str) -> tuple[Any, str, list[dict[str, Any]]]:
-    """Ray Train's snapshot of the checkpoints it keeps: (filesystem, root, [{dir name, metrics}])."""
-    fs, root = filesystem(storage)
-    snapshot = f"{root}/{TRAIN_RUN}/checkpoint_manager_snapshot.json"
-    if fs.get_file_info(snapshot).type == pafs.FileType.NotFound:
-        return fs, root, []
-    with fs.open_input_stream(snapshot) as f:
-        raw = f.read()
-    try:
-        return fs, root, json.loads(raw).get("checkpoint_results") or []
-    except json.JSONDecodeError as e:
-        raise RunDirError(f"{snapshot}: unreadable Ray Train checkpoint snapshot ({e.msg})") from None
-
-
-def registered_checkpoints(storage: str) -> list[Any]:
-    """Checkpoints Ray Train registered under ``storage`` and still keeps, newest first."""
-    from ray.train import Checkpoint
-
-    fs, root, results = _checkpoint_results(storage)
-    names = sorted({r["checkpoint_dir_name"] for r in results}, reverse=True)  # names carry the time
-    return [Checkpoint(path=f"{root}/{TRAIN_RUN}/{name}", filesystem=fs) for name in names]
-
-
-def latest_checkpoint_step(storage: str) -> int | None:
-    """The step the newest registered checkpoint was saved at (its report says), or None."""
-    _, _, results = _checkpoint_results(storage)
-    if not results:
-        return None
-    newest = max(results, key=lambda r: r["checkpoint_dir_name"])
-    step = (newest.get("metrics") or {}).get("step")
-    return step if isinstance(step, int) else None
-
-
-def registered_steps(storage: str) -> set[int]:
-    """The steps of the checkpoints Ray Train has registered under ``storage`` (their reports say).
-    Meant for polling during a run: Ray Train rewrites its snapshot in place, so a half-written
-    one reads as nothing registered yet."""
-    try:
-        _, _, results = _checkpoint_results(storage)
-    except RunDirError:
-        return set()
-    return {r["metrics"]["step"] for r in results if isinstance((r.get("metrics") or {}).get("step"), int)}
-
-
-def write_checkpoint_state(d: Path, state: dict[str, Any]) -> None:
-    (d / STATE_FILE).write_text(json.dumps(state), encoding="utf-8")
-
-
-def read_checkpoint_state(d: Path) -> dict[str, Any]:
-    p = d / STATE_FILE
-    if not p.is_file() or not (d / CKPT_TAG).is_dir():
-        raise RunDirError(f"{d}: not a rayllm train checkpoint (no {STATE_FILE} and {CKPT_TAG}/ in it)")
-    bad = corrupt_files(d)
-    if bad:
-        raise RunDirError(
-            f"{d}: corrupt checkpoint ({len(bad)} files differ from their sha256, e.g. {bad[0]})"
-        )
-    try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise RunDirError(f"{p}: corrupt checkpoint state ({e.msg})") from None
-
-
-def write_checksums(d: Path, rank: int) -> None:
-    """Record the sha256 of every file in ``d`` (one rank's part of a checkpoint, before upload)."""
-    sums = {str(p.relative_to(d)): sha256_file(p) for p in sorted(d.rglob("*")) if p.is_file()}
-    (d / CHECKSUMS.format(rank=rank)).write_text(json.dumps(sums), encoding="utf-8")
-
-
-def corrupt_files(d: Path) -> list[str]:
-    """Files of a checkpoint folder that are missing or differ from their recorded sha256."""
-    bad = []
-    for listing in sorted(d.glob(CHECKSUMS.format(rank="*"))):
-        for rel, digest in json.loads(listing.read_text(encoding="utf-8")).items():
-            p = d / rel
-            if not p.is_file() or sha256_file(p) != digest:
-                bad.append(rel)
-    return bad
-
-
+# ------------------------------------------------------------------------------------- files
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:

@@ -129,6 +129,17 @@ def init_ray(cfg: ClusterConfig, use_gpu: bool = False) -> bool:
     return True
 
 
+def log_to_file(path: Path) -> None:
+    """One file handler per stage log on the ``rayllm`` logger (the console stays quiet)."""
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    if any(getattr(h, "baseFilename", None) == str(path) for h in log.handlers):
+        return
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    log.addHandler(handler)
+
+
 def _running_head() -> str | None:
     """The head ``ray start --head`` left running on this machine (Ray's current-cluster file), if
     it answers; a file left behind by a head that died is ignored."""

@@ -503,14 +503,15 @@ def _trial_row(folder: Path, metric: str, errors: dict[str, str]) -> dict[str, A
     first = next((x["time"] for x in rows if x.get("step") == 1 and "loss" in x), None)
     key = REPORTED_AS.get(metric, metric)
     scored = [x for x in rows if key in x and "step" in x]
-    ckpt = RunDir.of(RunConfig(run_dir=str(folder))).latest_checkpoint()
+    # The checkpoint of its last finished leg, as that leg's train summary names it.
+    train = RunDir.of(RunConfig(run_dir=str(folder))).summary("train") or {}
     return {
         "trial_id": folder.name,
         "params": meta["params"],
         "steps": scored[-1]["step"] if scored else None,
         metric: scored[-1][key] if scored else None,
         "first_step_s": round(first - meta["started"], 1) if first else None,
-        "checkpoint": ckpt.path if ckpt else None,
+        "checkpoint": train.get("checkpoint"),
         "error": errors.get(folder.name),
     }
 

@@ -41,6 +41,7 @@ def main(corpus: Path, work: Path) -> None:
 
     from rayllm.prep.stage import run as prep
     from rayllm.rundir import RunDir
+    from rayllm.train import checkpoint
     from rayllm.train.stage import run as fit
 
     cluster = Cluster(
@@ -71,7 +72,7 @@ def main(corpus: Path, work: Path) -> None:
         thread = threading.Thread(target=lambda: result.update(fit(cfg)))
         thread.start()
         wait_for(
-            lambda: RunDir.of(cfg).latest_checkpoint() is not None and metrics(work),
+            lambda: checkpoint.latest(RunDir.of(cfg).storage) is not None and metrics(work),
             180,
             "a checkpoint",
         )

@@ -1,7 +1,7 @@
 """The one next-token loss (full and chunked) and the training switches, in-process on CPU.
 
-The switches are exercised through the same ``parallelize`` the Ray Train workers call: a one-rank
-DeepSpeed engine on gloo, ten steps per combination.
+The switches are exercised through the same ``parallelize`` and ``Worker.train_step`` the Ray Train
+workers run: a one-rank DeepSpeed engine on gloo, ten steps per combination.
 """
 
 from __future__ import annotations
@@ -135,31 +135,76 @@ SWITCHES = [
 IDS = [f"{a}-{b}-zero{c}" for a, b, c in SWITCHES]
 
 
+def _worker(lm, t):
+    """The training loop's own ``Worker`` around ``parallelize(t)``, on this one-rank group."""
+    from rayllm.train.loop import Worker
+    from rayllm.train.parallel import parallelize
+
+    cpu = torch.device("cpu")
+    engine, scheduler = parallelize(NextTokenLoss(lm, resolve_impl(t.loss, lm, cpu)), t, 1, False)
+    return Worker(t, engine, scheduler, device=cpu, seq_len=32)
+
+
+def _batch(data: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """A global batch as the loader hands it to ``train_step`` (collated by the loop's ``RankSlice``)."""
+    from rayllm.train.loop import RankSlice
+
+    cols = {"input_ids": data.numpy()}
+    if mask is not None:
+        cols["loss_mask"] = mask.numpy()
+    return RankSlice(0, 1)(cols)
+
+
 def _trains(lm, t) -> None:
-    """Ten optimizer steps of ``lm`` under ``parallelize(t)`` on a learnable batch: the loss drops,
-    and on CPU without train.deepspeed.compile nothing is compiled (DeepSpeed's Muon kernels
+    """Ten ``train_step`` calls of ``lm`` under ``parallelize(t)`` on a learnable batch: the loss
+    drops, and on CPU without train.deepspeed.compile nothing is compiled (DeepSpeed's Muon kernels
     included: inductor would spend a minute on them for no faster steps)."""
     from torch._dynamo.utils import counters
 
-    from rayllm.train.parallel import parallelize
-
     graphs = counters["stats"]["unique_graphs"]
-    engine, _ = parallelize(NextTokenLoss(lm, resolve_impl(t.loss, lm, torch.device("cpu"))), t, 1, False)
+    worker = _worker(lm, t)
     data = torch.randint(0, 300, (8, 33), generator=torch.Generator().manual_seed(4))
     data[:, 16:] = data[:, :16].flip(1).repeat(1, 2)[:, :17]  # something learnable
-    losses = []
-    for _ in range(10):
-        total = 0.0
-        for m in range(0, 8, 4):
-            inputs, targets = shift(data[m : m + 4])
-            nll, count, _ = engine(inputs, targets)
-            engine.backward(nll / count * 2)  # the mean over the global batch's targets
-            engine.step()
-            total += nll.item() / count.item() / 2
-        losses.append(total)
+    batch = _batch(data)
+    losses = [(worker.train_step(batch) / batch["tokens"]).item() for _ in range(10)]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0] - 0.3, losses
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+@pytest.mark.parametrize("zero", [0, 2])
+def test_train_step_is_one_sgd_step_on_the_mean_over_the_global_batch_targets(one_rank_group, zero):
+    """The loop's real ``train_step``, with two micro-batches whose examples have very different
+    target counts (a fine-tuning loss mask): the update is exactly one SGD step on the mean NLL
+    over all the global batch's targets, not a mean of per-micro-batch means."""
+    from rayllm.config import TrainConfig
+
+    t = TrainConfig(
+        workers=1, global_batch=4, micro_batch=2, max_steps=1, grad_clip=0.0,
+        optimizer={"name": "sgd", "lr": 0.5, "momentum": 0.0, "weight_decay": 0.0},
+        schedule={"decay": "constant", "warmup_steps": 0}, deepspeed={"zero_stage": zero},
+    )  # fmt: skip
+    lm, reference = _tiny_lm(), _tiny_lm()
+    data = torch.randint(0, 300, (4, 33), generator=torch.Generator().manual_seed(6))
+    mask = torch.zeros(4, 33, dtype=torch.int64)
+    for row, answer in enumerate([30, 2, 1, 16]):  # targets per example: 30, 2, 1 and 16
+        mask[row, 33 - answer :] = 1
+    worker = _worker(lm, t)
+    assert worker.accum == 2
+    nll_sum = worker.train_step(_batch(data, mask))
+
+    inputs, targets = shift(data, mask)
+    logits = reference(inputs).logits
+    nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    (nll / 49).backward()
+    torch.testing.assert_close(nll_sum, nll.detach(), rtol=1e-5, atol=1e-4)
+    trained = dict(worker.engine.module.lm.named_parameters())
+    with torch.no_grad():
+        for name, p in reference.named_parameters():
+            torch.testing.assert_close(trained[name], p - 0.5 * p.grad, rtol=1e-4, atol=1e-6)
+    assert not torch.equal(
+        trained["transformer.h.0.mlp.c_fc.weight"], _tiny_lm().transformer.h[0].mlp.c_fc.weight
+    )
 
 
 @pytest.mark.parametrize(("loss", "optimizer", "zero"), SWITCHES, ids=IDS)
@@ -238,32 +283,22 @@ def test_optimizer_and_schedule_state_resume_exactly(
     """Ten steps straight, or five, a DeepSpeed checkpoint, a fresh engine loading it, five more:
     the same losses (Muon's momentum, Adam's moments and the WSD schedule all come back)."""
     from rayllm.config import TrainConfig
-    from rayllm.train.parallel import parallelize
 
     t = TrainConfig(
         workers=1, global_batch=8, micro_batch=8, max_steps=10, optimizer={"name": optimizer, "lr": 3e-3},
         schedule={"decay": "wsd", "warmup_steps": 2, "decay_fraction": 0.5}, deepspeed={"zero_stage": zero},
     )  # fmt: skip
-    data = torch.randint(0, 300, (8, 33), generator=torch.Generator().manual_seed(5))
+    batch = _batch(torch.randint(0, 300, (8, 33), generator=torch.Generator().manual_seed(5)))
 
-    def engine():
-        return parallelize(NextTokenLoss(_tiny_lm(), "chunked"), t, 1, False)[0]
+    def steps(w, n: int) -> list[float]:
+        return [(w.train_step(batch) / batch["tokens"]).item() for _ in range(n)]
 
-    def steps(e, n: int) -> list[float]:
-        out = []
-        for _ in range(n):
-            nll, count, _ = e(*shift(data))
-            e.backward(nll / count)
-            e.step()
-            out.append(nll.item() / count.item())
-        return out
-
-    straight = steps(engine(), 10)
-    first = engine()
+    straight = steps(_worker(_tiny_lm(), t), 10)
+    first = _worker(_tiny_lm(), t)
     losses = steps(first, 5)
-    first.save_checkpoint(str(tmp_path), tag="ckpt")
-    second = engine()
-    second.load_checkpoint(
+    first.engine.save_checkpoint(str(tmp_path), tag="ckpt")
+    second = _worker(_tiny_lm(), t)
+    second.engine.load_checkpoint(
         str(tmp_path), tag="ckpt", load_optimizer_states=True, load_lr_scheduler_states=True
     )
     losses += steps(second, 5)

@@ -246,6 +246,7 @@ def _worker_pids() -> list[int]:
 def test_worker_killed_mid_run_resumes_exactly(ray_cluster, prepped, tmp_path, recipe):
     """SIGKILL a worker after a registered checkpoint: the run resumes there and ends like an unbroken one."""
     from rayllm.rundir import RunDir
+    from rayllm.train import checkpoint
     from rayllm.train.stage import run as fit
 
     common = dict(
@@ -267,9 +268,10 @@ def test_worker_killed_mid_run_resumes_exactly(ray_cluster, prepped, tmp_path, r
     thread.start()
     deadline = time.time() + 240
     killed_at = None
+    storage = RunDir.of(run_cfg(prepped, run)).storage
     while time.time() < deadline and thread.is_alive() and killed_at is None:
         steps = [r["step"] for r in metrics(run) if "loss" in r]
-        if steps and steps[-1] < 250 and RunDir.of(run_cfg(prepped, run)).latest_checkpoint() is not None:
+        if steps and steps[-1] < 250 and checkpoint.latest(storage) is not None:
             pids = _worker_pids()
             if pids:
                 os.kill(pids[-1], signal.SIGKILL)
@@ -285,6 +287,35 @@ def test_worker_killed_mid_run_resumes_exactly(ray_cluster, prepped, tmp_path, r
     assert result["steps"] == 300 and result["resumes"] == 1
     assert result["val_loss_last"] == pytest.approx(ref["val_loss_last"], rel=1e-5)
     assert result["train_loss_last"] == pytest.approx(ref["train_loss_last"], rel=1e-5)
+
+
+def test_a_resume_reads_the_split_from_its_position_not_from_the_start(ray_cluster, tmp_path):
+    """``rows_from`` is the resume's data-level skip: rows ``[start:]`` of the split, in order, at a
+    shard boundary, inside a shard's row group, in its last one; from a streamed split (the shards
+    before ``start`` are not opened: here one is overwritten) and from a materialized one."""
+    from rayllm.prep.shards import ShardWriter
+    from rayllm.rundir import PackedData
+    from rayllm.train.loop import rows_from
+
+    data = PackedData(tmp_path / "prep")
+    writer = ShardWriter(data.split_dir("train"), block_len=3)
+    rows = np.arange(3 * 6000, dtype=np.int32).reshape(6000, 3)
+    for part in (rows[:2500], rows[2500:2600], rows[2600:]):  # row groups of 1024: 1024, 1024, 452
+        writer.write({"input_ids": part})
+    manifest = {"vocab_size": 10, "eos_id": 0, "pad_id": 0, "seq_len": 2, "block_len": 3}
+    data.write_manifest({**manifest, "blocks": {"train": 6000, "val": 0}, "shards": writer.shards})
+
+    def read(ds) -> np.ndarray:
+        return np.stack([r["input_ids"] for r in ds.take_all()])
+
+    materialized = data.read("train").materialize()
+    for start in (0, 1, 1023, 1024, 1500, 2499, 2500, 2550, 2600, 5999):
+        np.testing.assert_array_equal(read(rows_from(data.read("train"), data, start)), rows[start:])
+        np.testing.assert_array_equal(read(rows_from(materialized, data, start)), rows[start:])
+    (data.dir / writer.shards[0]["path"]).write_bytes(b"not parquet")  # a resume past it never opens it
+    np.testing.assert_array_equal(read(rows_from(data.read("train", 2500), data, 2500)), rows[2500:])
+    with pytest.raises(RunDirError, match="row 6000 is past the end of the train split"):
+        data.read("train", 6000)
 
 
 def test_bad_configuration_fails_before_workers(prepped, tmp_path):
@@ -307,14 +338,15 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(ray_cluster, p
     """A bit flip in the newest checkpoint: the resume skips it (saying which one and why) and
     continues from the checkpoint before it, also when that newest one had finished the run; export
     refuses the corrupt one."""
-    from rayllm.rundir import RunDir, registered_checkpoints
+    from rayllm.rundir import RunDir
+    from rayllm.train.checkpoint import registered
     from rayllm.train.export import export_checkpoint
     from rayllm.train.stage import run as fit
 
     run = tmp_path / "run"
     cfg = run_cfg(prepped, run, max_steps=12, export=False)
     fit(cfg)
-    newest, previous = registered_checkpoints(RunDir.of(cfg).storage)[:2]
+    newest, previous = registered(RunDir.of(cfg).storage)[:2]
     shard = sorted(Path(newest.path, "ckpt").glob("*optim_states.pt"))[0]
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -335,7 +367,8 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(ray_cluster, p
 def test_hung_worker_fails_the_collective_within_the_timeout(ray_cluster, prepped, tmp_path):
     """SIGSTOP a worker: its peer's all-reduce times out after train.collective_timeout_s, Ray Train
     restarts the group from the last checkpoint and the run finishes (the default would wait 30 min)."""
-    from rayllm.rundir import RunDir, registered_checkpoints
+    from rayllm.rundir import RunDir
+    from rayllm.train.checkpoint import registered
     from rayllm.train.stage import run as fit
 
     common = dict(
@@ -352,7 +385,7 @@ def test_hung_worker_fails_the_collective_within_the_timeout(ray_cluster, preppe
     while time.time() < deadline and stopped is None and thread.is_alive():
         steps = [r["step"] for r in metrics(run) if "loss" in r]
         # A frozen worker cannot report: stop one once a checkpoint is registered, not while it is.
-        if steps and steps[-1] < 150 and registered_checkpoints(storage) and (pids := _worker_pids()):
+        if steps and steps[-1] < 150 and registered(storage) and (pids := _worker_pids()):
             os.kill(pids[-1], signal.SIGSTOP)
             stopped = time.time()
         time.sleep(0.1)
@@ -366,11 +399,10 @@ def test_hung_worker_fails_the_collective_within_the_timeout(ray_cluster, preppe
 def test_a_saved_checkpoint_waits_until_ray_train_has_registered_it(tmp_path, monkeypatch, caplog):
     """A rank goes on only once Ray Train's snapshot lists its step (else a fault in the next poll
     interval loses more than one checkpoint interval); never registered, it warns and goes on."""
-    from rayllm.rundir import TRAIN_RUN
-    from rayllm.train.checkpoint import wait_registered
+    from rayllm.train.checkpoint import RUN, wait_registered
 
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-    snapshot = tmp_path / TRAIN_RUN / "checkpoint_manager_snapshot.json"
+    snapshot = tmp_path / RUN / "checkpoint_manager_snapshot.json"
     snapshot.parent.mkdir()
 
     def register(steps: list[int]) -> None:

@@ -1,14 +1,22 @@
-"""Checkpoints of one rank: DeepSpeed's shards, the RNG streams, and what makes a resume exact.
+"""Train checkpoints, whole: where Ray Train keeps them, what one holds, and how a rank saves and
+restores its part.
 
 Every rank writes its own shard into the same Ray Train checkpoint (not only rank 0's). A checkpoint
 taken at another data-parallel world size is converted with DeepSpeed's universal-checkpoint tool
-before loading, so resuming after a resize never burns a retry on a world-size mismatch. File names
-and the state file's format belong to ``rayllm.rundir``.
+before loading, so resuming after a resize never burns a retry on a world-size mismatch.
+
+```
+<train.storage>/train/checkpoint_<time>/          one per report, registered in Ray Train's snapshot
+  ckpt/                 DeepSpeed's shards (tag "ckpt")
+  rayllm_state.json     TrainState (rank 0)          config.json   the HF model config (rank 0)
+  rng_rank<r>.pt        each rank's RNG streams      checksums_rank<r>.json  sha256 of its files
+```
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import random
@@ -19,19 +27,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.fs as pafs
 import torch
 
 from rayllm.errors import RunDirError
-from rayllm.rundir import (
-    CKPT_TAG,
-    read_checkpoint_state,
-    registered_steps,
-    rng_file,
-    write_checkpoint_state,
-    write_checksums,
-)
+from rayllm.rundir import sha256_file
+from rayllm.runtime import filesystem
 
 log = logging.getLogger("rayllm.train")
+
+RUN = "train"  # Ray Train's run name: its checkpoints live in <storage>/<RUN>/
+TAG = "ckpt"  # DeepSpeed's tag: the shards are in <checkpoint>/<TAG>/
+STATE_FILE = "rayllm_state.json"
+CHECKSUMS = "checksums_rank{rank}.json"  # sha256 of every file one rank wrote into a checkpoint
+
+
+def rng_file(rank: int) -> str:
+    return f"rng_rank{rank}.pt"
+
 
 # Marker in DeepSpeed's client state that lets ds_to_universal reshard the checkpoint later.
 UNIVERSAL_INFO = "universal_checkpoint_info"
@@ -57,7 +70,7 @@ def read_state(ckpt: Any) -> TrainState:
     """The ``TrainState`` of a Ray Train checkpoint (downloaded first when it is remote), after
     checking every file against the sha256 its rank recorded."""
     with ckpt.as_directory() as d:
-        return TrainState(**read_checkpoint_state(Path(d)))
+        return TrainState(**read_folder(Path(d)))
 
 
 def select(latest: Any, registered: list[Any]) -> tuple[Any, TrainState, list[str]]:
@@ -82,10 +95,10 @@ def save(engine: Any, state: TrainState, rank: int, hf_config: Any, storage: str
 
     with tempfile.TemporaryDirectory() as d:
         client = {"rayllm": asdict(state), UNIVERSAL_INFO: {"universal_checkpoint_version": 0.4}}
-        engine.save_checkpoint(d, tag=CKPT_TAG, client_state=client)
+        engine.save_checkpoint(d, tag=TAG, client_state=client)
         torch.save(_rng_state(), Path(d) / rng_file(rank))
         if rank == 0:
-            write_checkpoint_state(Path(d), asdict(state))
+            (Path(d) / STATE_FILE).write_text(json.dumps(asdict(state)), encoding="utf-8")
             hf_config.save_pretrained(d)
         write_checksums(Path(d), rank)  # last: covers every file this rank wrote
         ray.train.report(dict(state.reported), checkpoint=ray.train.Checkpoint.from_directory(d))
@@ -112,9 +125,9 @@ def wait_registered(storage: str, step: int) -> bool:
 def restore(engine: Any, ckpt: Any, saved: TrainState, rank: int, world: int) -> None:
     """Load DeepSpeed's shards (resharded when the world size changed) and this rank's RNG streams."""
     with ckpt.as_directory() as d, tempfile.TemporaryDirectory() as tmp:
-        load_dir, tag = Path(d), CKPT_TAG
+        load_dir, tag = Path(d), TAG
         if needs_reshard(saved, world):
-            load_dir, tag = _to_universal(Path(d), Path(tmp)), f"{CKPT_TAG}_universal"
+            load_dir, tag = _to_universal(Path(d), Path(tmp)), f"{TAG}_universal"
         path, _ = engine.load_checkpoint(
             str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
         )
@@ -154,8 +167,8 @@ def _to_universal(ckpt_dir: Path, tmp: Path) -> Path:
     out = tmp / "universal"
     out.mkdir()
     args = argparse.Namespace(
-        input_folder=str(ckpt_dir / CKPT_TAG),
-        output_folder=str(out / f"{CKPT_TAG}_universal"),
+        input_folder=str(ckpt_dir / TAG),
+        output_folder=str(out / f"{TAG}_universal"),
         num_extract_workers=1,
         num_merge_workers=1,
         keep_temp_folder=False,
@@ -164,3 +177,94 @@ def _to_universal(ckpt_dir: Path, tmp: Path) -> Path:
     )
     ds_to_universal(args)
     return out
+
+
+# ------------------------------------------------------------------------------ files in storage
+def _snapshot(storage: str) -> tuple[Any, str, list[dict[str, Any]]]:
+    """Ray Train's snapshot of the checkpoints it keeps (a private file of Ray's, read only here):
+    (filesystem, root, [{checkpoint_dir_name, metrics}])."""
+    fs, root = filesystem(storage)
+    snapshot = f"{root}/{RUN}/checkpoint_manager_snapshot.json"
+    if fs.get_file_info(snapshot).type == pafs.FileType.NotFound:
+        return fs, root, []
+    with fs.open_input_stream(snapshot) as f:
+        raw = f.read()
+    try:
+        return fs, root, json.loads(raw).get("checkpoint_results") or []
+    except json.JSONDecodeError as e:
+        raise RunDirError(f"{snapshot}: unreadable Ray Train checkpoint snapshot ({e.msg})") from None
+
+
+def registered(storage: str) -> list[Any]:
+    """Checkpoints Ray Train registered under ``storage`` and still keeps, newest first."""
+    from ray.train import Checkpoint
+
+    fs, root, results = _snapshot(storage)
+    names = sorted({r["checkpoint_dir_name"] for r in results}, reverse=True)  # names carry the time
+    return [Checkpoint(path=f"{root}/{RUN}/{name}", filesystem=fs) for name in names]
+
+
+def latest(storage: str) -> Any:
+    """The newest checkpoint Ray Train registered (never a half-written one), or None."""
+    return next(iter(registered(storage)), None)
+
+
+def latest_step(storage: str) -> int | None:
+    """The step the newest registered checkpoint was saved at (its report says), or None."""
+    _, _, results = _snapshot(storage)
+    if not results:
+        return None
+    newest = max(results, key=lambda r: r["checkpoint_dir_name"])
+    step = (newest.get("metrics") or {}).get("step")
+    return step if isinstance(step, int) else None
+
+
+def registered_steps(storage: str) -> set[int]:
+    """The steps of the checkpoints Ray Train has registered under ``storage`` (their reports say).
+    Meant for polling during a run: Ray Train rewrites its snapshot in place, so a half-written
+    one reads as nothing registered yet."""
+    try:
+        _, _, results = _snapshot(storage)
+    except RunDirError:
+        return set()
+    return {r["metrics"]["step"] for r in results if isinstance((r.get("metrics") or {}).get("step"), int)}
+
+
+def clear(storage: str) -> None:
+    """``train.resume: false``: forget the previous run's checkpoints, wherever they live."""
+    fs, root = filesystem(storage)
+    if fs.get_file_info(f"{root}/{RUN}").type != pafs.FileType.NotFound:
+        fs.delete_dir(f"{root}/{RUN}")
+
+
+def read_folder(d: Path) -> dict[str, Any]:
+    """A local checkpoint folder's state, after checking every file against its recorded sha256."""
+    p = d / STATE_FILE
+    if not p.is_file() or not (d / TAG).is_dir():
+        raise RunDirError(f"{d}: not a rayllm train checkpoint (no {STATE_FILE} and {TAG}/ in it)")
+    bad = corrupt_files(d)
+    if bad:
+        raise RunDirError(
+            f"{d}: corrupt checkpoint ({len(bad)} files differ from their sha256, e.g. {bad[0]})"
+        )
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise RunDirError(f"{p}: corrupt checkpoint state ({e.msg})") from None
+
+
+def write_checksums(d: Path, rank: int) -> None:
+    """Record the sha256 of every file in ``d`` (one rank's part of a checkpoint, before upload)."""
+    sums = {str(p.relative_to(d)): sha256_file(p) for p in sorted(d.rglob("*")) if p.is_file()}
+    (d / CHECKSUMS.format(rank=rank)).write_text(json.dumps(sums), encoding="utf-8")
+
+
+def corrupt_files(d: Path) -> list[str]:
+    """Files of a checkpoint folder that are missing or differ from their recorded sha256."""
+    bad = []
+    for listing in sorted(d.glob(CHECKSUMS.format(rank="*"))):
+        for rel, digest in json.loads(listing.read_text(encoding="utf-8")).items():
+            p = d / rel
+            if not p.is_file() or sha256_file(p) != digest:
+                bad.append(rel)
+    return bad

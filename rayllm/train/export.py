@@ -17,7 +17,11 @@ import yaml
 from rayllm.config import LoraConfig
 from rayllm.errors import RunDirError
 from rayllm.model.build import merge_adapters
-from rayllm.rundir import CKPT_TAG, EXPORT_CONFIG, EXPORT_INFO, RunDir, read_checkpoint_state
+from rayllm.rundir import RunDir
+from rayllm.train import checkpoint
+
+EXPORT_INFO = "rayllm_export.json"  # the checkpoint and state the weights came from
+EXPORT_CONFIG = "rayllm_config.yaml"  # the training run's config beside its exported weights
 
 # Training wraps the model in the loss module (``NextTokenLoss.lm``): its weights carry this prefix.
 PREFIX = "lm."
@@ -34,11 +38,11 @@ def export_checkpoint(
 
     hf_logging.disable_progress_bar()
 
-    state = read_checkpoint_state(ckpt_dir)
+    state = checkpoint.read_folder(ckpt_dir)
     hf_config = AutoConfig.from_pretrained(ckpt_dir)
     if state["zero_stage"] == 0:
         blob = torch.load(
-            ckpt_dir / CKPT_TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
+            ckpt_dir / checkpoint.TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
         )
         weights = {k: v.float() for k, v in blob["module"].items()}
     else:
@@ -46,7 +50,7 @@ def export_checkpoint(
 
         # DeepSpeed narrates every shard and draws progress bars; the CLI prints its own summary.
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            weights = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=CKPT_TAG)
+            weights = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=checkpoint.TAG)
     weights = {k.removeprefix(PREFIX): v for k, v in weights.items()}
     model = AutoModelForCausalLM.from_config(hf_config)
     lora = LoraConfig(**config["train"]["lora"]) if config and config["train"].get("lora") else None
@@ -73,17 +77,17 @@ def export_checkpoint(
     return out_dir
 
 
-def export_run(run_dir: str, out_dir: str | None = None, checkpoint: str | None = None) -> Path:
-    """``rayllm export RUN_DIR``: the last registered checkpoint (or ``checkpoint``, a checkpoint
+def export_run(run_dir: str, out_dir: str | None = None, folder: str | None = None) -> Path:
+    """``rayllm export RUN_DIR``: the last registered checkpoint (or ``folder``, a checkpoint
     folder) -> ``<run_dir>/train/export``."""
     rd = RunDir.load(run_dir)
     out = Path(out_dir) if out_dir else rd.export_dir
     tokenizer = rd.data.tokenizer_dir if rd.data.tokenizer_dir.is_dir() else None
     saved = rd.stage("train", create=False) / "config.yaml"
     config = yaml.safe_load(saved.read_text(encoding="utf-8")) if saved.is_file() else None
-    if checkpoint:
-        return export_checkpoint(Path(checkpoint), out, tokenizer, config)
-    ckpt = rd.latest_checkpoint()
+    if folder:
+        return export_checkpoint(Path(folder), out, tokenizer, config)
+    ckpt = checkpoint.latest(rd.storage)
     if ckpt is None:
         raise RunDirError(f"no train checkpoint under {rd.storage}: run `rayllm train` first")
     with ckpt.as_directory() as d:

@@ -10,6 +10,7 @@ run stopped, with no repeated or skipped data.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import math
@@ -17,14 +18,14 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from rayllm.config import RunConfig
+from rayllm.config import RunConfig, TrainConfig
 from rayllm.model.build import add_adapters, build_model, count_params, flops_per_token, model_config
 from rayllm.model.loss import NextTokenLoss, resolve_impl, shift
 from rayllm.rundir import (
@@ -35,7 +36,7 @@ from rayllm.rundir import (
     TENSORBOARD,
     Manifest,
     MetricsWriter,
-    registered_checkpoints,
+    PackedData,
 )
 from rayllm.train import checkpoint
 from rayllm.train.checkpoint import TrainState
@@ -71,73 +72,54 @@ class RankSlice:
 
 
 class Worker:
-    """One rank's training state: the DeepSpeed engine, data iterators, metrics sinks."""
+    """One rank's training state: the DeepSpeed engine, its data, its metrics sinks.
 
-    def __init__(self, config: dict[str, Any]) -> None:
-        import deepspeed
-        import ray.train
+    A plain constructor: ``build_worker`` makes the parts inside a Ray Train worker, and a test makes
+    them on a one-rank process group, so the step tested is the step that trains.
+    """
 
-        self.cfg = RunConfig.model_validate(config["cfg"])
-        self.storage = config["storage"]
-        self.manifest = Manifest.model_validate(config["manifest"])
-        out_dir = Path(config["out_dir"])
-        t = self.t = self.cfg.train
-        ctx = ray.train.get_context()
-        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        if t.use_gpu and torch.cuda.is_available():
-            self.device = torch.device("cuda", ctx.get_local_rank())
-            torch.cuda.set_device(self.device)
-        else:
-            self.device = torch.device("cpu")
-            # One intra-op thread per reserved CPU (rounded up: 0.5 CPU leaves room for Ray Data).
-            cpu_runtime(max(1, math.ceil(t.cpus_per_worker)))
-        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
-        self.metrics = self.tb = None
-        if self.rank == 0:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.metrics = MetricsWriter(out_dir / METRICS)
-            self.tb = SummaryWriter(str(out_dir / TENSORBOARD))
-        self.seq_len = self.manifest.seq_len
-
-        torch.manual_seed(t.seed)
-        m = self.manifest
-        self.hf_config = model_config(self.cfg.model, m.vocab_size, m.eos_id, m.pad_id)
-        model = build_model(self.cfg.model, self.hf_config)
-        if t.lora.r:
-            model = add_adapters(model, t.lora)
-        frozen = count_params(model, frozen=True) if t.lora.r else 0
-        self.flops_per_token = flops_per_token(self.hf_config, count_params(model), self.seq_len, frozen)
-        objective = NextTokenLoss(model, resolve_impl(t.loss, model, self.device))
-
-        micro = resolve_micro_batch(t, self.world, objective, self.device, self.seq_len)
-        t = self.t = t.model_copy(update={"micro_batch": micro})
-        self.accum = t.grad_accum(self.world)
-        self.state = TrainState(world=self.world, zero_stage=t.deepspeed.zero_stage)
-        ckpt, saved = ray.train.get_checkpoint(), None
-        if ckpt is not None:
-            ckpt, saved, skipped = checkpoint.select(ckpt, registered_checkpoints(config["storage"]))
-            for reason in skipped:
-                log.warning("skipping a corrupt checkpoint: %s", reason)
-                self._log(event="checkpoint_skipped", step=saved.step, reason=reason)
-        self.engine, self.scheduler = parallelize(
-            objective, t, self.world, load_universal=checkpoint.needs_reshard(saved, self.world)
-        )
-        if ckpt is not None and saved is not None:
-            checkpoint.restore(self.engine, ckpt, saved, self.rank, self.world)
-            self.state = TrainState(**{**saved.__dict__, "world": self.world})
-            self._log(event="resume", step=saved.step, from_world=saved.world, world=self.world)
-
-        self.train_it = ray.train.get_dataset_shard("train")
-        self.val_it = ray.train.get_dataset_shard("val")
-        self.collate = RankSlice(self.rank, self.world)
+    def __init__(
+        self,
+        t: TrainConfig,
+        engine: Any,
+        scheduler: Any,
+        *,
+        device: torch.device,
+        rank: int = 0,
+        world: int = 1,
+        seq_len: int,
+        state: TrainState | None = None,
+        flops_per_token: float = 0.0,
+        hf_config: Any = None,
+        storage: str = "",
+        train: Any = None,
+        val: Any = None,
+        train_from: Callable[[int], Any] | None = None,
+        metrics: MetricsWriter | None = None,
+        tb: Any = None,
+    ) -> None:
+        self.t, self.engine, self.scheduler, self.device = t, engine, scheduler, device
+        self.rank, self.world, self.seq_len = rank, world, seq_len
+        self.state = state or TrainState(world=world, zero_stage=t.deepspeed.zero_stage)
+        self.flops_per_token, self.hf_config, self.storage = flops_per_token, hf_config, storage
+        self.train_it, self.val_it, self.metrics, self.tb = train, val, metrics, tb
+        self.train_from = train_from
+        self.accum = t.grad_accum(world)
+        self.collate = RankSlice(rank, world)
         self._val: list[dict[str, torch.Tensor]] | None = None
-        self.peak = peak_flops(self.device, t.deepspeed.precision) * self.world
-        self.watchdog = Watchdog(t.collective_timeout_s, self.rank)
+        self.peak = peak_flops(device, t.deepspeed.precision) * world
+        self.watchdog = Watchdog(t.collective_timeout_s, rank)
 
     # ------------------------------------------------------------------------------------- data
     def _epoch_batches(self, it: Any, epoch: int, skip: int = 0):
+        """The epoch's global batches after the first ``skip``.
+
+        A resume skips at the data level (``train_from``): its first step comes as soon at step
+        100,000 as at step 10. With a shuffle buffer the order depends on every row before the
+        position, so the batches before it are read and dropped instead."""
         shuffle = self.t.shuffle_buffer
+        if skip and not shuffle and self.train_from is not None:
+            it, skip = self.train_from(skip * self.t.global_batch), 0
         batches = it.iter_torch_batches(
             batch_size=self.t.global_batch,
             drop_last=True,
@@ -164,7 +146,11 @@ class Worker:
     # ------------------------------------------------------------------------------------- step
     def train_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """One optimizer step over this rank's slice of the global batch; returns the summed NLL on
-        the device (read only when logging: no host sync per step)."""
+        the device (read only when logging: no host sync per step).
+
+        ``engine.step()`` runs after every micro-batch, but DeepSpeed steps the optimizer (and the
+        schedule) only at the accumulation boundary, the last micro-batch; before it, it only keeps
+        the gradients."""
         # engine.backward divides by the accumulation steps and the gradient all-reduce averages
         # over ranks; this scale makes the result the mean over the global batch's targets.
         scale = self.accum * self.world / batch["tokens"].to(self.device).clamp(min=1)
@@ -375,6 +361,77 @@ def _memory_mb(device: torch.device) -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
+def rows_from(ds: Any, data: PackedData, start: int) -> Any:
+    """Rows ``[start:]`` of the train split as a dataset, without reading the rows before: a
+    materialized split is cut by its blocks' row counts, a streamed one is read from the manifest's
+    shard holding ``start`` on."""
+    from ray.data.dataset import MaterializedDataset
+
+    if isinstance(ds, MaterializedDataset):
+        return ds.split_at_indices([start])[1]
+    return data.read("train", start)
+
+
+def build_worker(config: dict[str, Any]) -> Worker:
+    """The parts of one rank, made inside a Ray Train worker: device, process group, metrics sinks,
+    model (and adapters), micro-batch, the checkpoint to restore, the DeepSpeed engine, data shards."""
+    import deepspeed
+    import ray.train
+
+    cfg = RunConfig.model_validate(config["cfg"])
+    m = Manifest.model_validate(config["manifest"])
+    storage, t = config["storage"], cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if t.use_gpu and torch.cuda.is_available():
+        device = torch.device("cuda", ctx.get_local_rank())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        # One intra-op thread per reserved CPU (rounded up: 0.5 CPU leaves room for Ray Data).
+        cpu_runtime(max(1, math.ceil(t.cpus_per_worker)))
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    metrics = tb = None
+    if rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        out_dir = Path(config["out_dir"])
+        metrics, tb = MetricsWriter(out_dir / METRICS), SummaryWriter(str(out_dir / TENSORBOARD))
+
+    torch.manual_seed(t.seed)
+    hf_config = model_config(cfg.model, m.vocab_size, m.eos_id, m.pad_id)
+    model = build_model(cfg.model, hf_config)
+    if t.lora.r:
+        model = add_adapters(model, t.lora)
+    frozen = count_params(model, frozen=True) if t.lora.r else 0
+    flops = flops_per_token(hf_config, count_params(model), m.seq_len, frozen)
+    objective = NextTokenLoss(model, resolve_impl(t.loss, model, device))
+    t = t.model_copy(update={"micro_batch": resolve_micro_batch(t, world, objective, device, m.seq_len)})
+
+    ckpt, saved, events = ray.train.get_checkpoint(), None, []
+    if ckpt is not None:
+        ckpt, saved, skipped = checkpoint.select(ckpt, checkpoint.registered(storage))
+        for reason in skipped:
+            log.warning("skipping a corrupt checkpoint: %s", reason)
+            events.append({"event": "checkpoint_skipped", "step": saved.step, "reason": reason})
+    reshard = checkpoint.needs_reshard(saved, world)
+    engine, scheduler = parallelize(objective, t, world, load_universal=reshard)
+    state = None
+    if ckpt is not None and saved is not None:
+        checkpoint.restore(engine, ckpt, saved, rank, world)
+        state = TrainState(**{**saved.__dict__, "world": world})
+        events.append({"event": "resume", "step": saved.step, "from_world": saved.world, "world": world})
+    worker = Worker(
+        t, engine, scheduler, device=device, rank=rank, world=world, seq_len=m.seq_len, state=state,
+        flops_per_token=flops, hf_config=hf_config, storage=storage, metrics=metrics, tb=tb,
+        train=ray.train.get_dataset_shard("train"), val=ray.train.get_dataset_shard("val"),
+        train_from=functools.partial(rows_from, config["train_data"], PackedData(Path(config["data_dir"]))),
+    )  # fmt: skip
+    for event in events:
+        worker._log(**event)
+    return worker
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train entry point (``train_loop_per_worker``)."""
-    Worker(config).run()
+    build_worker(config).run()

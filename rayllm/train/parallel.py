@@ -91,9 +91,9 @@ def deepspeed_config(
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
         "checkpoint": {"load_universal": load_universal},
+        # Always set: left out, DeepSpeed clips at its default of 1.0 (0 turns clipping off).
+        "gradient_clipping": t.grad_clip,
     }
-    if t.grad_clip > 0:
-        cfg["gradient_clipping"] = t.grad_clip
     o = t.optimizer
     if o.name == "muon":
         # DeepSpeed's Muon partitions with ZeRO (it orthogonalizes whole matrices, then shards).

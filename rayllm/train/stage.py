@@ -18,16 +18,9 @@ from rayllm.config import RunConfig
 from rayllm.errors import ConfigError, RunDirError
 from rayllm.model.build import context_length, model_config
 from rayllm.progress import FollowMetrics
-from rayllm.rundir import (
-    METRICS,
-    TENSORBOARD,
-    TRAIN_RUN,
-    Manifest,
-    RunDir,
-    latest_checkpoint_step,
-    read_checkpoint_state,
-)
+from rayllm.rundir import METRICS, TENSORBOARD, Manifest, RunDir
 from rayllm.runtime import ray_session
+from rayllm.train import checkpoint
 
 
 def check_compatible(cfg: RunConfig, manifest: Manifest) -> None:
@@ -84,6 +77,7 @@ def trainer(cfg: RunConfig, out: Path, splits: dict[str, Any] | None = None) -> 
     # Ray Train copies preserve_order from the driver's DataContext, where it is off unless something
     # turned it on: without it the "deterministic" stream is reordered by whichever read task ends first.
     ingest.preserve_order = True
+    data = splits or datasets(cfg)
     return TorchTrainer(
         train_loop,
         # The process group Ray creates (and DeepSpeed reuses) times collectives out at this.
@@ -93,6 +87,9 @@ def trainer(cfg: RunConfig, out: Path, splits: dict[str, Any] | None = None) -> 
             "manifest": rd.data.manifest().model_dump(),
             "out_dir": str(out),
             "storage": rd.storage,
+            # A resumed epoch's rows after the position, cut from this dataset (see loop.rows_from).
+            "train_data": data["train"],
+            "data_dir": str(rd.data.dir),
         },
         scaling_config=ScalingConfig(
             num_workers=lo if lo == hi else (lo, hi),
@@ -101,12 +98,12 @@ def trainer(cfg: RunConfig, out: Path, splits: dict[str, Any] | None = None) -> 
             elastic_resize_monitor_interval_s=t.elastic_monitor_s,
         ),
         run_config=ray.train.RunConfig(
-            name=TRAIN_RUN,
+            name=checkpoint.RUN,
             storage_path=rd.storage,
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
         ),
-        datasets=splits or datasets(cfg),
+        datasets=data,
         # Every worker reads the whole (deterministic) stream and takes its slice per step:
         # the data position then survives restarts and world-size changes exactly.
         dataset_config=DataConfig(datasets_to_split=[], execution_options=ingest),
@@ -123,14 +120,14 @@ def finished_checkpoint(rd: RunDir, end_step: int) -> Any:
     """
     import pyarrow.fs
 
-    step = latest_checkpoint_step(rd.storage)
+    step = checkpoint.latest_step(rd.storage)
     if step is None or step < end_step:
         return None
-    ckpt = rd.latest_checkpoint()
+    ckpt = checkpoint.latest(rd.storage)
     if not isinstance(ckpt.filesystem, pyarrow.fs.LocalFileSystem):
         return None
     try:
-        read_checkpoint_state(Path(ckpt.path))  # checks every file against its recorded sha256
+        checkpoint.read_folder(Path(ckpt.path))  # checks every file against its recorded sha256
     except RunDirError:
         return None
     return ckpt
@@ -149,14 +146,14 @@ def run(cfg: RunConfig, splits: dict[str, Any] | None = None) -> dict[str, Any]:
     check_compatible(cfg, manifest)
     out = rd.start_stage(cfg, "train")
     if not t.resume:
-        rd.clear_checkpoints()
+        checkpoint.clear(rd.storage)
         for p in (out / METRICS, out / TENSORBOARD):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     t0 = time.time()
     # A tune trial (splits given) runs in a Tune actor: its search reports and tracks the trials.
     tracked = None
     if splits is None and tracking.enabled(cfg):
-        resuming = t.resume and latest_checkpoint_step(rd.storage) is not None
+        resuming = t.resume and checkpoint.latest_step(rd.storage) is not None
         tracked = tracking.Tracked(cfg, "train", resume=resuming)
     with tracked or nullcontext():
         ckpt, error = finished_checkpoint(rd, t.end_step), None
