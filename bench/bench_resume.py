@@ -64,11 +64,11 @@ def config(run: Path, data: Path, steps: int, cache_gb: float):
         [ROOT / "examples" / "configs" / "shakespeare-cpu.yaml"],
         [
             f"run_dir={run}", f"train.data_dir={data}", f"train.max_steps={steps}", "train.workers=1",
-            "train.cpus_per_worker=1.5", f"train.global_batch={GLOBAL_BATCH}", "train.micro_batch=512",
+            "train.cpus_per_worker=1", f"train.global_batch={GLOBAL_BATCH}", "train.micro_batch=512",
             "train.eval_batches=1", "train.eval_every=100000", "train.log_every=100000",
             f"train.checkpoint_every={steps}", "train.export=false", f"train.cache_data_gb={cache_gb}",
             "train.schedule.warmup_steps=0", "model.n_layer=1", "model.n_head=2", "model.d_model=64",
-            f"model.max_positions={SEQ_LEN}",
+            f"model.max_positions={SEQ_LEN}", f"data.seq_len={SEQ_LEN}",
         ],
     )  # fmt: skip
 

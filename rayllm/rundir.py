@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -87,6 +89,18 @@ def write_json(path: Path, data: Any) -> Path:
 
 
 # ------------------------------------------------------------------------------------ packed data
+def packed_columns(batch: dict[str, np.ndarray] | pa.Table) -> dict[str, np.ndarray]:
+    """Packed-data columns as 2-D arrays (rows x block_len), from a numpy batch (Ray Data hands
+    fixed-size lists over as object arrays of rows) or a pyarrow table."""
+    if isinstance(batch, dict):
+        return {name: np.stack(v) if v.dtype == object else v for name, v in batch.items()}
+    out = {}
+    for name in batch.column_names:
+        column = batch.column(name).combine_chunks()
+        out[name] = column.flatten().to_numpy().reshape(len(column), column.type.list_size)
+    return out
+
+
 class Manifest(BaseModel):
     """``prep/manifest.json``: what train and eval need from the packed data, plus prep's accounting."""
 

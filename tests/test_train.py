@@ -290,9 +290,12 @@ def test_worker_killed_mid_run_resumes_exactly(ray_cluster, prepped, tmp_path, r
 
 
 def test_a_resume_reads_the_split_from_its_position_not_from_the_start(ray_cluster, tmp_path):
-    """``rows_from`` is the resume's data-level skip: rows ``[start:]`` of the split, in order, at a
-    shard boundary, inside a shard's row group, in its last one; from a streamed split (the shards
-    before ``start`` are not opened: here one is overwritten) and from a materialized one."""
+    """``rows_from`` is the resume's data-level skip: the global batches of rows ``[start:]``, in
+    order, from a start at a shard boundary, inside a row group or a block, in the last one; from a
+    streamed split (shards before ``start`` are not opened: here one is overwritten) and from a
+    materialized one (with no Ray task: every CPU is held, as training workers may hold them)."""
+    import ray
+
     from rayllm.prep.shards import ShardWriter
     from rayllm.rundir import PackedData
     from rayllm.train.loop import rows_from
@@ -305,15 +308,30 @@ def test_a_resume_reads_the_split_from_its_position_not_from_the_start(ray_clust
     manifest = {"vocab_size": 10, "eos_id": 0, "pad_id": 0, "seq_len": 2, "block_len": 3}
     data.write_manifest({**manifest, "blocks": {"train": 6000, "val": 0}, "shards": writer.shards})
 
-    def read(ds) -> np.ndarray:
-        return np.stack([r["input_ids"] for r in ds.take_all()])
+    def read(ds, start: int, batch: int = 64) -> np.ndarray:
+        batches = [b["input_ids"] for b in rows_from(ds, data, start, batch)]
+        assert all(b.shape == (batch, 3) for b in batches)
+        return np.concatenate(batches) if batches else np.zeros((0, 3), np.int32)
 
-    materialized = data.read("train").materialize()
-    for start in (0, 1, 1023, 1024, 1500, 2499, 2500, 2550, 2600, 5999):
-        np.testing.assert_array_equal(read(rows_from(data.read("train"), data, start)), rows[start:])
-        np.testing.assert_array_equal(read(rows_from(materialized, data, start)), rows[start:])
+    def want(start: int, batch: int = 64) -> np.ndarray:
+        return rows[start : start + (6000 - start) // batch * batch]
+
+    materialized = data.read("train").repartition(7).materialize()  # blocks across the shards
+
+    class Holder:  # holds every CPU, as training workers may
+        pass
+
+    hold = ray.remote(num_cpus=ray.available_resources()["CPU"])(Holder).remote()
+    try:
+        ray.get(hold.__ray_ready__.remote(), timeout=60)
+        for start in (0, 1, 1023, 1024, 1500, 2499, 2500, 2550, 2600, 5900, 5999):
+            np.testing.assert_array_equal(read(materialized, start), want(start))
+    finally:
+        ray.kill(hold)
+    for start in (0, 1023, 1500, 2550, 2600, 5900):
+        np.testing.assert_array_equal(read(data.read("train"), start), want(start))
     (data.dir / writer.shards[0]["path"]).write_bytes(b"not parquet")  # a resume past it never opens it
-    np.testing.assert_array_equal(read(rows_from(data.read("train", 2500), data, 2500)), rows[2500:])
+    np.testing.assert_array_equal(read(data.read("train", 2500), 2500), want(2500))
     with pytest.raises(RunDirError, match="row 6000 is past the end of the train split"):
         data.read("train", 6000)
 

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from rayllm.model.engine import DTYPES, resolve_dtype
-from rayllm.rundir import INPUT_IDS, LOSS_MASK, POSITION_IDS
+from rayllm.rundir import INPUT_IDS, LOSS_MASK, POSITION_IDS, packed_columns
 
 
 class BlockScorer:
@@ -35,7 +35,7 @@ class BlockScorer:
         from rayllm.model.loss import shift
 
         torch = self.torch
-        cols = {k: np.stack(v) if v.dtype == object else v for k, v in batch.items()}
+        cols = packed_columns(batch)
         t = {k: torch.from_numpy(v.astype(np.int64)).to(self.device) for k, v in cols.items()}
         inputs, targets = shift(t[INPUT_IDS], t.get(LOSS_MASK))
         pos = t[POSITION_IDS][:, :-1] if POSITION_IDS in t else None

@@ -10,7 +10,6 @@ run stopped, with no repeated or skipped data.
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
 import logging
 import math
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from rayllm.config import RunConfig, TrainConfig
@@ -37,6 +37,7 @@ from rayllm.rundir import (
     Manifest,
     MetricsWriter,
     PackedData,
+    packed_columns,
 )
 from rayllm.train import checkpoint
 from rayllm.train.checkpoint import TrainState
@@ -57,7 +58,7 @@ class RankSlice:
         self.rank, self.world = rank, world
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        cols = {name: np.stack(v) if v.dtype == object else v for name, v in batch.items()}
+        cols = packed_columns(batch)
         per = len(cols[INPUT_IDS]) // self.world
         rows = slice(self.rank * per, (self.rank + 1) * per)
         mask = cols.get(LOSS_MASK)
@@ -94,7 +95,7 @@ class Worker:
         storage: str = "",
         train: Any = None,
         val: Any = None,
-        train_from: Callable[[int], Any] | None = None,
+        train_from: Callable[[int], Iterator[dict[str, np.ndarray]]] | None = None,
         metrics: MetricsWriter | None = None,
         tb: Any = None,
     ) -> None:
@@ -119,7 +120,9 @@ class Worker:
         position, so the batches before it are read and dropped instead."""
         shuffle = self.t.shuffle_buffer
         if skip and not shuffle and self.train_from is not None:
-            it, skip = self.train_from(skip * self.t.global_batch), 0
+            for columns in self.train_from(skip * self.t.global_batch):
+                yield self.collate(columns)
+            return
         batches = it.iter_torch_batches(
             batch_size=self.t.global_batch,
             drop_last=True,
@@ -361,15 +364,42 @@ def _memory_mb(device: torch.device) -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-def rows_from(ds: Any, data: PackedData, start: int) -> Any:
-    """Rows ``[start:]`` of the train split as a dataset, without reading the rows before: a
-    materialized split is cut by its blocks' row counts, a streamed one is read from the manifest's
-    shard holding ``start`` on."""
+def rows_from(ds: Any, data: PackedData, start: int, batch: int) -> Iterator[dict[str, np.ndarray]]:
+    """Global batches of ``batch`` rows (columns as 2-D arrays) of the train split from row ``start``
+    on, whole batches only, without reading the rows before ``start``.
+
+    A materialized split's blocks are fetched from the object store in this process, the ones
+    before ``start`` skipped by their row counts (no Ray task: the workers may hold every CPU); a
+    streamed one is read from the manifest's shard holding ``start`` on.
+    """
     from ray.data.dataset import MaterializedDataset
 
     if isinstance(ds, MaterializedDataset):
-        return ds.split_at_indices([start])[1]
-    return data.read("train", start)
+        tables = _blocks_from(ds, start)
+    else:
+        tables = data.read("train", start).iter_batches(batch_size=batch, batch_format="pyarrow")
+    pending: list[pa.Table] = []
+    rows = 0
+    for table in tables:
+        pending.append(table)
+        rows += len(table)
+        while rows >= batch:
+            whole = pa.concat_tables(pending)
+            yield packed_columns(whole.slice(0, batch))
+            pending, rows = [whole.slice(batch)], rows - batch
+
+
+def _blocks_from(ds: Any, start: int) -> Iterator[pa.Table]:
+    import ray
+
+    for bundle in ds.iter_internal_ref_bundles():
+        for block in bundle.blocks:
+            if start >= block.metadata.num_rows:
+                start -= block.metadata.num_rows
+                continue
+            table = ray.get(block.ref)
+            yield table.slice(start)
+            start = 0
 
 
 def build_worker(config: dict[str, Any]) -> Worker:
@@ -425,7 +455,9 @@ def build_worker(config: dict[str, Any]) -> Worker:
         t, engine, scheduler, device=device, rank=rank, world=world, seq_len=m.seq_len, state=state,
         flops_per_token=flops, hf_config=hf_config, storage=storage, metrics=metrics, tb=tb,
         train=ray.train.get_dataset_shard("train"), val=ray.train.get_dataset_shard("val"),
-        train_from=functools.partial(rows_from, config["train_data"], PackedData(Path(config["data_dir"]))),
+        train_from=lambda start: rows_from(
+            config["train_data"], PackedData(Path(config["data_dir"])), start, t.global_batch
+        ),
     )  # fmt: skip
     for event in events:
         worker._log(**event)
