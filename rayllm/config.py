@@ -42,6 +42,25 @@ PositiveFloat = Annotated[float, Field(gt=0)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
 
 
+# Marks on fields (``json_schema_extra``) that the stage table and `rayllm run` read.
+RESUMABLE = {"resumable": True}  # changes how long or how observably a run trains, not what a step
+# computes: a run that changed only such fields continues from its checkpoint (workers reshard)
+PER_TRIAL = {"per_trial": True}  # each tune trial sets it itself: not part of what a search is
+
+
+def marked(mark: dict[str, bool], model: type[BaseModel] | None = None, prefix: str = "") -> set[str]:
+    """Dotted paths of the fields of ``model`` (default: the whole run config) carrying ``mark``."""
+    key = next(iter(mark))
+    out: set[str] = set()
+    for name, field in (model or RunConfig).model_fields.items():
+        if (field.json_schema_extra or {}).get(key):
+            out.add(prefix + name)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out |= marked(mark, ann, f"{prefix}{name}.")
+    return out
+
+
 class Strict(BaseModel):
     """Base for every section: unknown keys are errors, not silently ignored typos."""
 
@@ -338,28 +357,42 @@ class TrainConfig(Strict):
         None,
         description="where Ray Train keeps checkpoints: a path every node shares or a pyarrow URI "
         "(s3://, gs://, hdfs://); default: <run_dir>/train/ray",
+        json_schema_extra=RESUMABLE | PER_TRIAL,
     )
     workers: PositiveInt | tuple[PositiveInt, PositiveInt] = Field(
-        2, description="fixed count, or [min, max] for elastic training"
+        2,
+        description="fixed count, or [min, max] for elastic training",
+        json_schema_extra=RESUMABLE,
     )
     use_gpu: bool = Field(False, description="one GPU per worker (gpus_per_worker), NCCL between them")
     cpus_per_worker: PositiveFloat = Field(
-        0.5, description="fractional on CPU so Ray Data read tasks keep a core"
+        0.5,
+        description="fractional on CPU so Ray Data read tasks keep a core",
+        json_schema_extra=RESUMABLE,
     )
-    gpus_per_worker: Annotated[float, Field(ge=0)] = Field(1.0, description="GPUs per worker with use_gpu")
+    gpus_per_worker: Annotated[float, Field(ge=0)] = Field(
+        1.0, description="GPUs per worker with use_gpu", json_schema_extra=RESUMABLE
+    )
     resources_per_worker: dict[str, float] = Field(
-        default_factory=dict, description="extra custom Ray resources per worker, e.g. a node slot"
+        default_factory=dict,
+        description="extra custom Ray resources per worker, e.g. a node slot",
+        json_schema_extra=RESUMABLE,
     )
     elastic_monitor_s: PositiveFloat = Field(
-        60.0, description="elastic ranges: how often Ray Train checks for capacity to scale back up"
+        60.0,
+        description="elastic ranges: how often Ray Train checks for capacity to scale back up",
+        json_schema_extra=RESUMABLE,
     )
     max_steps: PositiveInt = Field(
-        300, description="optimizer steps of the run (a resumed run continues to it)"
+        300,
+        description="optimizer steps of the run (a resumed run continues to it)",
+        json_schema_extra=RESUMABLE | PER_TRIAL,
     )
     stop_at: PositiveInt | None = Field(
         None,
         description="end this launch at this step, with a checkpoint, short of max_steps and on its "
         "learning-rate schedule (tune trains a trial rung by rung so); null: at max_steps",
+        json_schema_extra=PER_TRIAL,
     )
     global_batch: PositiveInt = Field(16, description="sequences per optimizer step, all workers")
     micro_batch: PositiveInt | Literal["auto"] = Field(
@@ -377,23 +410,37 @@ class TrainConfig(Strict):
         "Liger Kernel's fused kernel (CUDA); auto: liger on CUDA when installed, else chunked",
     )
     grad_clip: Annotated[float, Field(ge=0)] = Field(1.0, description="clip the global gradient norm; 0: off")
-    log_every: PositiveInt = Field(10, description="steps between train-metric lines (loss, tokens/s, MFU)")
-    eval_every: PositiveInt = Field(100, description="steps between validation passes")
+    log_every: PositiveInt = Field(
+        10, description="steps between train-metric lines (loss, tokens/s, MFU)", json_schema_extra=RESUMABLE
+    )
+    eval_every: PositiveInt = Field(
+        100, description="steps between validation passes", json_schema_extra=RESUMABLE
+    )
     eval_at: list[PositiveInt] = Field(
         default_factory=list,
         description="more steps to validate at, besides every eval_every (tune adds ASHA's rungs, so "
         "that each rung decides on a fresh validation)",
+        json_schema_extra=RESUMABLE,
     )
-    eval_batches: PositiveInt = Field(8, description="global batches of the val split each validation scores")
-    checkpoint_every: PositiveInt = Field(100, description="steps between checkpoints (and the last step)")
-    keep_checkpoints: PositiveInt = Field(2, description="newest checkpoints kept in storage")
+    eval_batches: PositiveInt = Field(
+        8, description="global batches of the val split each validation scores", json_schema_extra=RESUMABLE
+    )
+    checkpoint_every: PositiveInt = Field(
+        100, description="steps between checkpoints (and the last step)", json_schema_extra=RESUMABLE
+    )
+    keep_checkpoints: PositiveInt = Field(
+        2, description="newest checkpoints kept in storage", json_schema_extra=RESUMABLE
+    )
     max_failures: NonNegInt = Field(
-        3, description="worker-group restarts from the last checkpoint before the run fails"
+        3,
+        description="worker-group restarts from the last checkpoint before the run fails",
+        json_schema_extra=RESUMABLE,
     )
     collective_timeout_s: PositiveInt = Field(
         1800,
         description="a collective (all-reduce, barrier) waiting longer fails the step, so Ray Train "
         "restarts the workers from the last checkpoint instead of hanging",
+        json_schema_extra=RESUMABLE,
     )
     shuffle_buffer: NonNegInt = Field(0, description="rows in the per-epoch local shuffle buffer")
     cache_data_gb: Annotated[float, Field(ge=0)] = Field(
@@ -402,8 +449,16 @@ class TrainConfig(Strict):
         "epochs and restarts); larger data streams from storage",
     )
     seed: int = Field(0, description="seed of initialization, dropout and the shuffle buffer")
-    export: bool = Field(True, description="write <run_dir>/train/export, a plain Hugging Face folder")
-    resume: bool = Field(True, description="continue from the last checkpoint in the run dir")
+    export: bool = Field(
+        True,
+        description="write <run_dir>/train/export, a plain Hugging Face folder",
+        json_schema_extra=RESUMABLE | PER_TRIAL,
+    )
+    resume: bool = Field(
+        True,
+        description="continue from the last checkpoint in the run dir",
+        json_schema_extra=RESUMABLE | PER_TRIAL,
+    )
 
     @field_validator("workers")
     @classmethod

@@ -20,21 +20,14 @@ from typing import Any
 
 from rich.console import Console
 
-from rayllm.config import RunConfig
+from rayllm.config import RESUMABLE, RunConfig, marked
 from rayllm.errors import ConfigError
 from rayllm.rundir import RunDir
 from rayllm.runtime import ray_session
-from rayllm.stages import NAMES, STAGES, Stage, get
+from rayllm.stages import NAMES, STAGES, Stage, get, without
 from rayllm.tracking import Tracked
 
 DEMO_PROMPT = "ROMEO:\n"
-# Train fields that change how long or how observably a run trains, not what it computes per step:
-# a run whose other fields are unchanged continues from its checkpoint (workers reshard).
-RESUMABLE = {
-    "max_steps", "log_every", "eval_every", "eval_at", "eval_batches", "checkpoint_every",
-    "keep_checkpoints", "max_failures", "collective_timeout_s", "export", "resume", "elastic_monitor_s",
-    "workers", "cpus_per_worker", "gpus_per_worker", "resources_per_worker", "storage",
-}  # fmt: skip
 
 
 def _hash(value: Any) -> str:
@@ -68,17 +61,15 @@ def plan(cfg: RunConfig, best: RunConfig | None = None) -> dict[str, dict[str, A
     given, tuned = _raw(cfg), _raw(best or cfg)
     out: dict[str, dict[str, Any]] = {}
     for stage in STAGES:
-        raw = tuned if NAMES.index(stage.name) >= NAMES.index("train") else given
-        inputs: dict[str, Any] = {"config": stage.config_fields(raw)}
+        inputs: dict[str, Any] = {"config": stage.config_fields(tuned if stage.tuned else given)}
         inputs["upstream"] = {u: out[u]["fingerprint"] for u in stage.consumes if _wanted(get(u), cfg)}
-        if stage.name == "prep":
+        if stage.reads_files:
             inputs["sources"] = _hash(_source_stats(cfg))
         out[stage.name] = {"inputs": inputs, "fingerprint": _hash(inputs)}
-    train = out["train"]["inputs"]
-    identity = {k: v for k, v in train["config"]["train"].items() if k not in RESUMABLE}
-    out["train"]["identity"] = _hash(
-        {"train": identity, "model": train["config"]["model"], **train["upstream"]}
-    )
+        if stage.resume_flag:
+            # What its checkpoint's training depends on: a change elsewhere continues from it.
+            same = without(inputs["config"], marked(RESUMABLE))
+            out[stage.name]["identity"] = _hash({**same, **inputs["upstream"]})
     return out
 
 
@@ -122,7 +113,17 @@ def status(cfg: RunConfig) -> list[dict[str, Any]]:
 
 
 def _wanted(stage: Stage, cfg: RunConfig) -> bool:
-    return stage.name != "tune" or bool(cfg.tune.space)
+    return not stage.runs_if or bool(_field(cfg, stage.runs_if))
+
+
+def _field(cfg: RunConfig, path: str) -> Any:
+    section, name = path.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def _with_field(cfg: RunConfig, path: str, value: Any) -> RunConfig:
+    section, name = path.split(".")
+    return cfg.model_copy(update={section: getattr(cfg, section).model_copy(update={name: value})})
 
 
 def run(
@@ -147,13 +148,13 @@ def run(
     with tracked or nullcontext(), ray_session(cfg.cluster, use_gpu=cfg.train.use_gpu):
         for stage in STAGES[: NAMES.index(last) + 1]:
             if not _wanted(stage, cfg):
-                console.print(f"[dim]{stage.name}: off (tune.space is empty)[/]")
+                console.print(f"[dim]{stage.name}: off ({stage.runs_if} is empty)[/]")
                 continue
-            if stage.name == "train" and cfg.tune.space:
+            if stage.tuned and best is None and "tune" in summaries:
                 cfg = best = _with_best(given, rd)
             want = plan(given, best)[stage.name]
             seen = rd.run_state().get(stage.name) or {}
-            if stage.name != "serve" and _up_to_date(rd, stage.name, seen, want):
+            if not stage.server and _up_to_date(rd, stage.name, seen, want):
                 console.print(
                     f"[green]{stage.name}[/]: up to date (fingerprint {want['fingerprint']}), skipped"
                 )
@@ -162,8 +163,8 @@ def run(
             reason = _reason(seen, want)
             console.print(f"[bold]{stage.name}[/] ({stage.library}): {reason}")
             stage_cfg = cfg
-            if stage.name == "train" and seen and seen.get("identity") != want["identity"]:
-                stage_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"resume": False})})
+            if stage.resume_flag and seen and seen.get("identity") != want["identity"]:
+                stage_cfg = _with_field(cfg, stage.resume_flag, False)
             _record(rd, stage.name, want, "running")
             summaries[stage.name] = stage.entry(stage_cfg)
             _record(rd, stage.name, want, "done")

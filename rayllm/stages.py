@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from rayllm.config import RunConfig
+from rayllm.config import PER_TRIAL, RunConfig, marked
 from rayllm.errors import RayllmError
 
 ENTRY = "run"
@@ -26,20 +26,19 @@ class Stage:
     summary_keys: tuple[str, ...]  # headline figures of its summary.json, in display order
     reads: tuple[str, ...]  # the config sections/fields it depends on (its fingerprint in `rayllm run`)
     consumes: tuple[str, ...] = ()  # the stages whose outputs it reads
-    ignores: tuple[str, ...] = ()  # fields inside ``reads`` that cannot change its outputs
+    ignores: dict[str, bool] | None = None  # a field mark (rayllm.config): such fields in ``reads``
+    # cannot change its outputs
+    runs_if: str = ""  # a config field that must be non-empty for `rayllm run` to run it
+    tuned: bool = False  # runs with the best tune trial's settings when there was a search
+    reads_files: bool = False  # its fingerprint also covers the size and time of every input file
+    resume_flag: str = ""  # the bool field that lets it continue from its checkpoint: `rayllm run`
+    # sets it false when a field that is not marked RESUMABLE changed
+    server: bool = False  # serves until stopped: never up to date, always started
 
     def config_fields(self, raw: dict[str, Any]) -> dict[str, Any]:
-        """What of ``cfg.dump()`` this stage depends on: ``reads``, less its ``ignores``."""
-        out: dict[str, Any] = {}
-        for path in self.reads:
-            node: Any = raw
-            for part in path.split("."):
-                node = node[part]
-            out[path] = node
-        for path in self.ignores:
-            section, field = path.split(".")
-            out[section] = {k: v for k, v in out[section].items() if k != field}
-        return out
+        """What of ``cfg.dump()`` this stage depends on: ``reads``, less the fields it ignores."""
+        out: dict[str, Any] = {path: _at(raw, path) for path in self.reads}
+        return without(out, marked(self.ignores) if self.ignores else set())
 
     @property
     def entry(self) -> Callable[..., dict[str, Any]]:
@@ -54,6 +53,7 @@ STAGES: tuple[Stage, ...] = (
         "Read, clean, dedup, build the vocabulary, tokenize and pack text into parquet blocks.",
         ("documents_kept", "tokens", "blocks", "vocab_size", "tokens_per_second"),
         ("data",),
+        reads_files=True,
     ),
     Stage(
         "tune",
@@ -64,7 +64,8 @@ STAGES: tuple[Stage, ...] = (
         ("model", "train", "tune"),
         ("prep",),
         # A trial sets its own steps, storage and export; a longer final train is not a new search.
-        ("train.max_steps", "train.stop_at", "train.storage", "train.export", "train.resume"),
+        ignores=PER_TRIAL,
+        runs_if="tune.space",
     ),
     Stage(
         "train",
@@ -74,6 +75,8 @@ STAGES: tuple[Stage, ...] = (
         ("steps", "val_loss_last", "tokens_per_second", "mfu", "export_dir"),
         ("model", "train"),
         ("prep", "tune"),
+        tuned=True,
+        resume_flag="train.resume",
     ),
     Stage(
         "eval",
@@ -83,6 +86,7 @@ STAGES: tuple[Stage, ...] = (
         ("loss", "perplexity", "token_accuracy", "tasks"),
         ("eval",),
         ("prep", "train"),
+        tuned=True,
     ),
     Stage(
         "serve",
@@ -92,6 +96,8 @@ STAGES: tuple[Stage, ...] = (
         ("url", "model"),
         ("serve",),
         ("train",),
+        tuned=True,
+        server=True,
     ),
 )
 NAMES = tuple(s.name for s in STAGES)
@@ -106,3 +112,21 @@ def get(name: str) -> Stage:
 
 def run_stage(name: str, cfg: RunConfig) -> dict[str, Any]:
     return get(name).entry(cfg)
+
+
+def _at(raw: dict[str, Any], path: str) -> Any:
+    node: Any = raw
+    for part in path.split("."):
+        node = node[part]
+    return node
+
+
+def without(fields: dict[str, Any], paths: set[str]) -> dict[str, Any]:
+    """``fields`` (keyed by config paths, values nested dicts) less the dotted ``paths`` inside them."""
+    out = {}
+    for key, value in fields.items():
+        if key in paths:
+            continue
+        inner = {p[len(key) + 1 :] for p in paths if p.startswith(key + ".")}
+        out[key] = without(value, inner) if inner and isinstance(value, dict) else value
+    return out
