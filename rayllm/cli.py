@@ -49,11 +49,9 @@ UntilOpt = Annotated[str | None, typer.Option(help=f"run: stop after this stage:
 ServeOpt = Annotated[bool, typer.Option("--serve", help="run: end by serving the model (until stopped).")]
 
 
-VERBOSE = {"on": False}
-
-
 @app.callback()
 def _options(
+    ctx: typer.Context,
     verbose: Annotated[
         bool,
         typer.Option(
@@ -61,7 +59,7 @@ def _options(
         ),
     ] = False,
 ) -> None:
-    VERBOSE["on"] = verbose
+    ctx.obj = {"verbose": verbose}  # the commands read it through _verbose(ctx)
     if not verbose and not isinstance(sys.stdout, WithoutRayNotices):
         sys.stdout = WithoutRayNotices(sys.stdout)
 
@@ -99,12 +97,19 @@ class WithoutRayNotices:
         return getattr(self._stream, name)
 
 
-def _load(config: list[str] | None, sets: list[str] | None, run_dir: str | None) -> RunConfig:
-    more = ["cluster.verbose=true"] if VERBOSE["on"] else []
-    return _run(lambda: load_config(config or [], [*(sets or []), *more], run_dir))
+def _verbose(ctx: typer.Context) -> bool:
+    """``--verbose`` of this invocation: the app's callback keeps it in the root context."""
+    return bool((ctx.find_root().obj or {}).get("verbose"))
 
 
-def _run(fn: Callable[[], Any]) -> Any:
+def _load(
+    ctx: typer.Context, config: list[str] | None, sets: list[str] | None, run_dir: str | None
+) -> RunConfig:
+    more = ["cluster.verbose=true"] if _verbose(ctx) else []
+    return _run(ctx, lambda: load_config(config or [], [*(sets or []), *more], run_dir))
+
+
+def _run(ctx: typer.Context, fn: Callable[[], Any]) -> Any:
     """Run a stage; user errors (also when raised inside Ray workers) become one line + exit 2."""
     try:
         return fn()
@@ -115,7 +120,7 @@ def _run(fn: Callable[[], Any]) -> Any:
         user = find_user_error(e)
         if user is None:
             raise
-        if VERBOSE["on"]:
+        if _verbose(ctx):
             console.print_exception()
         console.print(f"[bold red]error:[/] {escape(one_line(user))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
@@ -140,9 +145,11 @@ def _table(title: str, summary: dict[str, Any]) -> None:
 def _add_stage_verb(stage: Stage) -> None:
     """``rayllm <stage>``: load the config, run the stage's entry function, print its summary."""
 
-    def verb(config: ConfigOpt = None, set_: SetOpt = None, run_dir: RunDirOpt = None) -> None:
-        cfg = _load(config, set_, run_dir)
-        _table(stage.name, _run(lambda: stage.entry(cfg)))
+    def verb(
+        ctx: typer.Context, config: ConfigOpt = None, set_: SetOpt = None, run_dir: RunDirOpt = None
+    ) -> None:
+        cfg = _load(ctx, config, set_, run_dir)
+        _table(stage.name, _run(ctx, lambda: stage.entry(cfg)))
 
     verb.__doc__ = f"{stage.help} ({stage.library})"
     app.command(stage.name)(verb)
@@ -154,6 +161,7 @@ for _stage in STAGES:
 
 @app.command()
 def export(
+    ctx: typer.Context,
     run_dir: Annotated[str, typer.Argument(help="Run directory with train checkpoints.")],
     out_dir: Annotated[str | None, typer.Option("--out", help="Default: <run_dir>/train/export.")] = None,
     checkpoint: Annotated[
@@ -164,12 +172,13 @@ def export(
     """Consolidate the last ZeRO checkpoint (any stage) into a plain Hugging Face safetensors folder."""
     from rayllm.train.export import export_run
 
-    path = _run(lambda: export_run(run_dir, out_dir, checkpoint))
+    path = _run(ctx, lambda: export_run(run_dir, out_dir, checkpoint))
     out.print(f"exported {path}")
 
 
 @app.command("import")
 def import_(
+    ctx: typer.Context,
     source: Annotated[
         str, typer.Argument(help="A .gguf file (or pkg://package/file.gguf) or a Hugging Face model folder.")
     ],
@@ -178,12 +187,13 @@ def import_(
     """A pretrained model as a plain Hugging Face folder that model.path, eval and serve load offline."""
     from rayllm.model.imports import import_model
 
-    path = _run(lambda: import_model(source, Path(out_dir) if out_dir else None))
+    path = _run(ctx, lambda: import_model(source, Path(out_dir) if out_dir else None))
     out.print(f"imported {path}")
 
 
 @app.command()
 def submit(
+    ctx: typer.Context,
     stage: Annotated[str, typer.Argument(help=" | ".join([*NAMES, "run", "demo"]))],
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -194,11 +204,11 @@ def submit(
     serve: ServeOpt = False,
 ) -> None:
     """Submit a stage, or the whole chain (`run`), as a Ray job to a cluster (Ray Jobs API)."""
-    cfg = _load(config, set_, run_dir)  # validate here, before anything reaches the cluster
+    cfg = _load(ctx, config, set_, run_dir)  # validate here, before anything reaches the cluster
     from rayllm.jobs import submit as run_submit
 
     result = _run(
-        lambda: run_submit(cfg, stage, config or [], set_ or [], run_dir, address, wait, until, serve)
+        ctx, lambda: run_submit(cfg, stage, config or [], set_ or [], run_dir, address, wait, until, serve)
     )
     _table("job", result)
     if result.get("status") == "FAILED":
@@ -212,15 +222,16 @@ JobIdArg = Annotated[str, typer.Argument(help="Job id printed by `rayllm submit`
 
 
 @job_app.command("status")
-def job_status(job_id: JobIdArg, address: AddressOpt = None) -> None:
+def job_status(ctx: typer.Context, job_id: JobIdArg, address: AddressOpt = None) -> None:
     """State, exit code and Ray's message for a submitted job."""
     from rayllm import jobs
 
-    _table("job", _run(lambda: jobs.status(job_id, address)))
+    _table("job", _run(ctx, lambda: jobs.status(job_id, address)))
 
 
 @job_app.command("logs")
 def job_logs(
+    ctx: typer.Context,
     job_id: JobIdArg,
     address: AddressOpt = None,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream until the job ends.")] = False,
@@ -229,24 +240,25 @@ def job_logs(
     from rayllm import jobs
 
     if not follow:
-        sys.stdout.write(_run(lambda: jobs.logs(job_id, address)))
+        sys.stdout.write(_run(ctx, lambda: jobs.logs(job_id, address)))
         return
-    result = _run(lambda: jobs.follow(job_id, address))
+    result = _run(ctx, lambda: jobs.follow(job_id, address))
     _table("job", result)
     if result["status"] == "FAILED":
         raise typer.Exit(1)
 
 
 @job_app.command("stop")
-def job_stop(job_id: JobIdArg, address: AddressOpt = None) -> None:
+def job_stop(ctx: typer.Context, job_id: JobIdArg, address: AddressOpt = None) -> None:
     """Stop a job (SIGTERM to its entrypoint, then SIGKILL) and wait until it has ended."""
     from rayllm import jobs
 
-    _table("job", _run(lambda: jobs.stop(job_id, address)))
+    _table("job", _run(ctx, lambda: jobs.stop(job_id, address)))
 
 
 @app.command("run")
 def run_chain(
+    ctx: typer.Context,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     run_dir: RunDirOpt = None,
@@ -258,15 +270,16 @@ def run_chain(
     Stages whose config fields and inputs did not change since they last finished are skipped; an
     interrupted train resumes from its checkpoint.
     """
-    cfg = _load(config, set_, run_dir)
+    cfg = _load(ctx, config, set_, run_dir)
     from rayllm import pipeline
 
-    _run(lambda: pipeline.run(cfg, until=until, serve=serve, console=console))
-    _status_table(RunDir.of(cfg).root, _run(lambda: pipeline.status(cfg)))
+    _run(ctx, lambda: pipeline.run(cfg, until=until, serve=serve, console=console))
+    _status_table(RunDir.of(cfg).root, _run(ctx, lambda: pipeline.status(cfg)))
 
 
 @app.command()
 def status(
+    ctx: typer.Context,
     run_dir: Annotated[str, typer.Argument(help="The run directory.")],
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -277,10 +290,10 @@ def status(
     """
     saved = Path(run_dir) / "run" / "config.yaml"
     files = config or ([str(saved)] if saved.is_file() else [])
-    cfg = _load(files, set_, run_dir)
+    cfg = _load(ctx, files, set_, run_dir)
     from rayllm import pipeline
 
-    _status_table(Path(run_dir), _run(lambda: pipeline.status(cfg)))
+    _status_table(Path(run_dir), _run(ctx, lambda: pipeline.status(cfg)))
 
 
 def _status_table(root: Path, rows: list[dict[str, Any]]) -> None:
@@ -297,13 +310,15 @@ def _status_table(root: Path, rows: list[dict[str, Any]]) -> None:
 
 
 @app.command()
-def demo(config: ConfigOpt = None, set_: SetOpt = None, run_dir: RunDirOpt = None) -> None:
+def demo(
+    ctx: typer.Context, config: ConfigOpt = None, set_: SetOpt = None, run_dir: RunDirOpt = None
+) -> None:
     """The whole pipeline on the embedded Shakespeare corpus: prep, train, eval, serve one request."""
-    cfg = _load(config or [_default_config()], set_, run_dir)
+    cfg = _load(ctx, config or [_default_config()], set_, run_dir)
     from rayllm.pipeline import demo as run_demo
 
     t0 = time.time()
-    summary = _run(lambda: run_demo(cfg, console=out))
+    summary = _run(ctx, lambda: run_demo(cfg, console=out))
     summary["seconds_total"] = round(time.time() - t0, 1)
     _table("demo", summary)
 
