@@ -13,7 +13,9 @@ an ASHA search whose best is not within 2% has not got there at all. Also report
 until a trial first touched that target in the order the trials ran (a figure that presumes the
 target known in advance), wall time, the seconds from a trial's start to its first step, and how far
 an ASHA trial's validation curve strays from the same settings' grid trial (trials are seeded, so
-they should agree).
+they should agree). Ray's own synchronous successive halving (``HyperBandScheduler``) is replayed
+on the grid's curves in each ASHA order (``hyperband``, ``hyperband_ratio``): its brackets' sizes
+and rungs, not the curves, decide what it spends.
 
     .venv/bin/python bench/bench_tune.py [--steps 150] [--orders 3]
 
@@ -76,6 +78,46 @@ def stray(trials: list[tuple[str, Curve]], reference: dict[str, dict[int, float]
         if step in reference[params]
     ]
     return max(gaps, default=0.0)
+
+
+def hyperband(grid: dict[str, dict[int, float]], order: list[str], max_t: int, eta: int) -> dict[str, Any]:
+    """Ray's synchronous successive halving (``HyperBandScheduler``, which pauses trials and resumes
+    them from checkpoints) replayed on the grid's own validation curves: trials are seeded and a
+    resumed trial's curve equals its grid trial's (``stray_from_grid``), so the replay makes the
+    decisions a live search would. One trial at a time, in the search's order; every step is a
+    result, scored by the newest validation at or before it. Returns its trial-steps and best."""
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import HyperBandScheduler, TrialScheduler
+
+    class Replay:  # what the scheduler reads of a trial
+        def __init__(self, params: str) -> None:
+            self.params, self.status, self.is_saving, self.step = params, Trial.PENDING, False, 0
+
+        def loss(self) -> float:
+            return grid[self.params][max(s for s in grid[self.params] if s <= self.step)]
+
+    class Controller:
+        def stop_trial(self, trial: Replay) -> None:
+            trial.status = Trial.TERMINATED
+
+    sched = HyperBandScheduler("step", "val_loss", "min", max_t=max_t, reduction_factor=eta)
+    controller, trials, spent = Controller(), [Replay(p) for p in order], 0
+    for t in trials:
+        sched.on_trial_add(controller, t)
+    while (t := sched.choose_trial_to_run(controller)) is not None:
+        t.status = Trial.RUNNING
+        action = TrialScheduler.CONTINUE
+        while action == TrialScheduler.CONTINUE:
+            t.step += 1
+            spent += 1
+            result = {"step": t.step, "val_loss": t.loss()}
+            action = sched.on_trial_result(controller, t, result)
+            if action == TrialScheduler.CONTINUE and t.step >= max_t:
+                sched.on_trial_complete(controller, t, result)
+                action = TrialScheduler.STOP
+        t.status = Trial.PAUSED if action == TrialScheduler.PAUSE else Trial.TERMINATED
+    loss, params = min((t.loss(), t.params) for t in trials)
+    return {"trial_steps": spent, "best_val_loss": round(loss, 4), "best_params": json.loads(params)}
 
 
 def main() -> None:
@@ -141,6 +183,14 @@ def main() -> None:
         )
     grid, ashas = table[0], table[1:]
     asha_steps = statistics.mean(t["trial_steps"] for t in ashas)
+    # Ray's HyperBand, in each ASHA search's order (which its brackets are filled in).
+    hyper = [
+        hyperband(grid_curves, [p for p, _ in results[t["search"]]["curves"]], args.steps, 3) for t in ashas
+    ]
+    for h in hyper:
+        h["within_target"] = h["best_val_loss"] <= target
+        print(f"Ray HyperBandScheduler (replayed): {h}")
+    hyper_steps = statistics.mean(h["trial_steps"] for h in hyper)
     ratio = grid["trial_steps"] / asha_steps if all(t["within_target"] for t in ashas) else 0.0
     print(
         json.dumps(
@@ -151,6 +201,10 @@ def main() -> None:
                 "asha_trial_steps_mean": round(asha_steps, 1),
                 "ratio": round(ratio, 3),
                 "ratio_per_order": [round(grid["trial_steps"] / t["trial_steps"], 3) for t in ashas],
+                "hyperband": hyper,
+                "hyperband_ratio": round(grid["trial_steps"] / hyper_steps, 3)
+                if all(h["within_target"] for h in hyper)
+                else 0.0,
                 "target": TARGET,
             }
         )
