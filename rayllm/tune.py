@@ -7,14 +7,14 @@ import train) in ``tune/trials/<trial>/``, on packed data materialized once for 
   and the ranges are sampled; ``tune.search: optuna`` proposes points with Optuna's TPE instead.
 - ASHA as its paper states it (Li et al. 2020, Algorithm 2): every trial trains to the first rung,
   and whenever a trial is among the best ``1/reduction_factor`` of a rung's results it is promoted to
-  the next rung, before any new trial starts. Each Ray Tune trial is one leg of a trial, from one
-  rung to the next; the leg resumes the trial's own checkpoint and stops at the rung
+  the next rung, before any new trial starts. Each Ray Tune trial is one rung run of a trial, from
+  one rung to the next: it resumes the trial's own checkpoint and stops at the rung
   (``train.stop_at``) on the learning-rate schedule of ``tune.max_steps``. Ray's ``ASHAScheduler``
-  stops trials instead, and a trial that reaches a rung first has nothing to be compared with: on
-  the benchmark's grid it spent 1.2 times the compute of promotions (750 trial-steps, 617).
-- Concurrency: as many legs as the cluster's CPUs (GPUs) hold, unless ``tune.max_concurrent``.
+  stops trials instead (a trial that reaches a rung first has nothing to be compared with), and its
+  ``HyperBandScheduler``'s brackets train more trials to the end; docs/tuning.md has the figures.
+- Concurrency: as many rung runs as the cluster's CPUs (GPUs) hold, unless ``tune.max_concurrent``.
 - An interrupted search resumes (Ray Tune's restore, the searcher's rungs included) without
-  re-running finished legs, as long as the search it was running is the same one.
+  re-running finished rung runs, as long as the search it was running is the same one.
 - Results: a table sorted by the metric, ``tune/curves.png`` (every trial's validation curve; trials
   left at a rung end in a cross), ``tune/best.yaml`` (``rayllm train -c tune/best.yaml`` runs it as
   is) and the best trial's checkpoint exported to a Hugging Face folder.
@@ -22,14 +22,15 @@ import train) in ``tune/trials/<trial>/``, on packed data materialized once for 
 
 from __future__ import annotations
 
+import base64
 import itertools
 import json
 import logging
 import math
-import pickle
 import random
 import shutil
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -113,9 +114,8 @@ def _overrides(params: dict[str, Any]) -> list[str]:
 def grace_period(cfg: RunConfig) -> int:
     """``tune.grace_period``, else the trials' warmup, at least ``max_steps / reduction_factor**2``.
 
-    A trial still warming up is judged by how fast its learning rate ramps: on the demo model (30
-    warmup steps) the grid's best (adamw, 3e-3) is third at step 15, behind both 1e-2 rates, and
-    first from step 25 on.
+    A trial still warming up is judged by how fast its learning rate ramps, not by where it is going
+    (docs/tuning.md shows it on the demo model).
     """
     tc = cfg.tune
     if tc.grace_period is not None:
@@ -127,7 +127,7 @@ def grace_period(cfg: RunConfig) -> int:
 def rungs(cfg: RunConfig) -> list[int]:
     """The steps a trial is judged at: grace * rf**k below ``tune.max_steps``, then ``max_steps``.
 
-    With ``fifo`` there is one: every trial trains to ``max_steps`` in one leg.
+    With ``fifo`` there is one: every trial trains to ``max_steps`` in one rung run.
     """
     tc = cfg.tune
     if tc.scheduler == "fifo":
@@ -140,7 +140,7 @@ def rungs(cfg: RunConfig) -> list[int]:
 
 def trial_config(base: RunConfig, params: dict[str, Any], stop_at: int | None = None) -> RunConfig:
     """One trial's train run: its settings, on the schedule of ``tune.max_steps``, validating at
-    every rung, and (for one leg) stopping at ``stop_at``."""
+    every rung, and (for one rung run) stopping at ``stop_at``."""
     tc = base.tune
     eval_at = sorted({*base.train.eval_at, *(r for r in rungs(base) if r < tc.max_steps)})
     sets = [
@@ -202,16 +202,16 @@ def grid_trials(cfg: RunConfig, space: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-TRIAL, STOP_AT = "trial", "stop_at"  # a leg's keys in its Tune config, beside the searched fields
+TRIAL, STOP_AT = "trial", "stop_at"  # a rung run's keys in its Tune config, beside the searched fields
 
 
 class Promotions(Searcher):
-    """ASHA (Li et al. 2020, Algorithm 2) as a Ray Tune searcher whose every Tune trial is a leg.
+    """ASHA (Li et al. 2020, Algorithm 2) as a Ray Tune searcher whose every Tune trial is a rung run.
 
-    A leg trains one trial from its rung to the next. Asked for a leg, it promotes the first trial,
+    A rung run trains one trial from its rung to the next. Asked for one, it promotes the first trial,
     from the top rung down, that is among the best ``1/reduction_factor`` of its rung's results and
     not promoted yet; else it starts a new trial (the next grid point, or one Optuna proposes, told
-    of each trial's first-rung result); else it waits for running legs. When none is left, and no
+    of each trial's first-rung result); else it waits for the running ones. When none is left, and no
     trial has reached the last rung (few trials), the best of the highest rung reached goes on, so
     that the search always hands on a trial trained for ``tune.max_steps``.
     """
@@ -233,10 +233,10 @@ class Promotions(Searcher):
         self.params: list[dict[str, Any]] = []  # trial i's settings
         self.results: list[dict[int, float]] = [{} for _ in rungs]  # rung -> trial -> metric
         self.promoted: list[set[int]] = [set() for _ in rungs]
-        self.live: dict[str, tuple[int, int]] = {}  # Tune trial id of a leg -> (trial, rung)
+        self.running: dict[str, tuple[int, int]] = {}  # Tune trial id of a rung run -> (trial, rung)
         self._most = (len(self._queue) if trials else samples) * len(rungs)
 
-    def max_legs(self) -> int:
+    def max_runs(self) -> int:
         """At most every trial to every rung: Tune's ``num_samples`` (the searcher ends sooner)."""
         return self._most
 
@@ -280,13 +280,13 @@ class Promotions(Searcher):
         job, why = self._promotion(), "among the best 1/{rf} of the {n} there"
         if job is None:
             job = self._new_trial()
-        if job is None and not self.live and not self.results[-1]:  # none trained to the end yet
+        if job is None and not self.running and not self.results[-1]:  # none trained to the end yet
             job, why = (
                 self._promotion(past_the_best=True),
                 "the best not promoted, so that a trial reaches the end",
             )
         if job is None:
-            return None if self.live else Searcher.FINISHED
+            return None if self.running else Searcher.FINISHED
         i, k = job
         if k:
             self.promoted[k - 1].add(i)
@@ -295,13 +295,13 @@ class Promotions(Searcher):
                 f"{self.name(i)} promoted to step {self.rungs[k]}: {self.metric} {was[i]:.4f} at step "
                 f"{self.rungs[k - 1]} is {why.format(rf=self.rf, n=len(was))}"
             )
-        self.live[trial_id] = (i, k)
+        self.running[trial_id] = (i, k)
         return {**self.params[i], TRIAL: self.name(i), STOP_AT: self.rungs[k]}
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id not in self.live:
+        if trial_id not in self.running:
             return
-        i, k = self.live.pop(trial_id)
+        i, k = self.running.pop(trial_id)
         value = (result or {}).get(self.metric)
         failed = error or value is None
         if failed:  # left out: a trial without a result at a rung is never promoted from it
@@ -314,12 +314,31 @@ class Promotions(Searcher):
             self._sampler.on_trial_complete(self.name(i), None if failed else {self.metric: value}, failed)
 
     def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump(self.__dict__, f)
+        """The search's state as JSON, by name; Optuna's own saved state (its format) inside it."""
+        state = {
+            "queue": self._queue,
+            "params": self.params,
+            "results": [{str(i): v for i, v in rung.items()} for rung in self.results],
+            "promoted": [sorted(p) for p in self.promoted],
+            "running": {tid: list(job) for tid, job in self.running.items()},
+            "sampler": None,
+        }
+        if self._sampler is not None:
+            with tempfile.TemporaryDirectory() as d:
+                self._sampler.save(f"{d}/sampler")
+                state["sampler"] = base64.b64encode(Path(d, "sampler").read_bytes()).decode()
+        Path(checkpoint_path).write_text(json.dumps(state), encoding="utf-8")
 
     def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as f:
-            self.__dict__.update(pickle.load(f))
+        state = json.loads(Path(checkpoint_path).read_text(encoding="utf-8"))
+        self._queue, self.params = state["queue"], state["params"]
+        self.results = [{int(i): v for i, v in rung.items()} for rung in state["results"]]
+        self.promoted = [set(p) for p in state["promoted"]]
+        self.running = {tid: (job[0], job[1]) for tid, job in state["running"].items()}
+        if self._sampler is not None and state["sampler"]:
+            with tempfile.TemporaryDirectory() as d:
+                Path(d, "sampler").write_bytes(base64.b64decode(state["sampler"]))
+                self._sampler.restore(f"{d}/sampler")
 
 
 def _say(line: str) -> None:
@@ -365,99 +384,26 @@ def _searcher(cfg: RunConfig, space: dict[str, Any]) -> Promotions:
 
 def run(cfg: RunConfig) -> dict[str, Any]:
     """Run (or resume) the search; writes ``tune/summary.json``, ``best.yaml`` and ``curves.png``."""
-    from ray import tune
-
     tc = cfg.tune
-    space = search_space(tc.space, tc.search, tc.grid_order, tc.seed)  # a bad space fails here
-    _check_space(cfg)
-    if tc.search == "optuna":
-        try:
-            import optuna  # noqa: F401  (Ray's OptunaSearch drives it)
-        except ImportError:
-            raise ConfigError("tune.search=optuna needs the optuna package: pip install optuna") from None
+    space = _validated_space(cfg)
     rd = RunDir.of(cfg)
     manifest = rd.data.manifest()  # a missing prep fails here, before Ray starts
     out = rd.start_stage(cfg, "tune")
-    train = stages.get("train").entry
-    key = _search_key(cfg, rd)
-    experiment = out / "ray" / EXPERIMENT
-    saved_key = out / "search.json"
-    same_search = saved_key.is_file() and json.loads(saved_key.read_text()) == json.loads(json.dumps(key))
-    if not same_search:  # another search's trials must not be resumed as this one's
-        shutil.rmtree(out / "ray", ignore_errors=True)
-        shutil.rmtree(out / "trials", ignore_errors=True)
-        write_json(saved_key, key)
+    same_search = _same_search(cfg, rd, out)
     metric = REPORTED_AS.get(tc.metric, tc.metric)
-
-    def leg(config: dict[str, Any], splits: dict[str, Any] | None) -> None:
-        # One leg of a trial: its own run folder, resumed from its checkpoint, up to the next rung.
-        params = {k: config[k] for k in tc.space}
-        folder = out / "trials" / config[TRIAL]
-        folder.mkdir(parents=True, exist_ok=True)
-        if not (folder / "trial.json").is_file():  # the first leg's start: where first_step_s counts from
-            write_json(folder / "trial.json", {"started": time.time(), "params": params})
-        trial_cfg = trial_config(
-            cfg, {**params, "run_dir": str(folder), "train.data_dir": str(rd.data.dir)}, config[STOP_AT]
-        )
-        train(trial_cfg, splits=splits)
-        at_rung = [r for r in _trial_metrics(folder) if r.get("step") == config[STOP_AT] and metric in r]
-        if not at_rung:
-            raise RuntimeError(f"{folder}: no {metric} logged at step {config[STOP_AT]}")
-        tune.report({metric: at_rung[-1][metric], "step": config[STOP_AT]})
-
     t0 = time.time()
     tracked = Tracked.open(cfg, "tune")  # an unreachable tracker stops the search before it starts
-    watch = FollowTrials(out / "trials", metric, tc.max_steps)
     with tracked or nullcontext(), ray_session(cfg.cluster, use_gpu=cfg.train.use_gpu):
         # Read and materialized once: every trial's workers then start from the object store.
         small = all(manifest.split_gb(s) < cfg.train.cache_data_gb for s in SPLITS)
         splits = {s: rd.data.read(s).materialize() for s in SPLITS} if small else None
-        # The leg function only drives a TorchTrainer: its workers hold the real resources.
-        trainable = tune.with_resources(tune.with_parameters(leg, splits=splits), {"CPU": 0.01})
-        concurrent = max_concurrent(cfg)
-        if same_search and tune.Tuner.can_restore(str(experiment)):
-            # A leg that failed stays failed: its trial was left out of the rungs it would have joined.
-            tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True)
-        else:
-            searcher = _searcher(cfg, space)
-            tuner = tune.Tuner(
-                trainable,
-                tune_config=tune.TuneConfig(
-                    metric=metric,
-                    mode=tc.mode,
-                    num_samples=searcher.max_legs(),
-                    search_alg=searcher,
-                    max_concurrent_trials=concurrent,
-                ),
-                run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out / "ray"), verbose=0),
-            )
-        with watch:
+        tuner, concurrent = _tuner(cfg, space, out / "ray", same_search, splits)
+        with FollowTrials(out / "trials", metric, tc.max_steps):
             results = tuner.fit()
-        errors = {
-            r.config[TRIAL]: str(r.error).splitlines()[0] for r in results if r.error and r.config
-        }  # fmt: skip
-        trials = [_trial_row(folder, tc.metric, errors) for folder in sorted((out / "trials").glob("*"))]
-        scored = [t for t in trials if t[tc.metric] is not None]
-        if not scored:
-            # The same mistake usually fails every trial: a user error says what to fix in one line.
-            for r in results:
-                user = find_user_error(r.error) if r.error else None
-                if user is not None:
-                    raise user
-            raise RuntimeError(f"no trial reported {tc.metric}: {[t['error'] for t in trials]}")
-        best = min(scored, key=lambda t: t[tc.metric] if tc.mode == "min" else -t[tc.metric])
-        export = _export_best(cfg, rd, out, best, train)
+        trials, best = _results(out, results, tc.metric, tc.mode)
+        export = _export_best(cfg, rd, out, best)
         if tracked:
-            tracked.trials(
-                [
-                    (t["trial_id"], t["params"], _trial_metrics(out / "trials" / t["trial_id"]), t is best)
-                    for t in trials
-                ]
-            )
-            tracked.scores({f"best_{tc.metric}": best[tc.metric]}, best["steps"] or 0)
-            tracked.tag("best_trial", best["trial_id"])
-            if export:
-                tracked.export(export)
+            _track(tracked, out, trials, best, tc.metric, export)
     metrics = rd.metrics("tune", replace=True)  # the whole search, restored trials included
     for t in trials:
         metrics.write(**t)
@@ -467,9 +413,10 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     plot_curves(trials, out / "trials", out / "curves.png", tc.max_steps)
     _print_table(trials, tc.metric, tc.mode)
     first_steps = [t["first_step_s"] for t in trials if t["first_step_s"] is not None]
+    scored = [t for t in trials if t[tc.metric] is not None]
     summary = {
         "trials": len(trials),
-        "legs": len(results),
+        "rung_runs": len(results),
         "trials_stopped_early": sum(1 for t in scored if (t["steps"] or 0) < tc.max_steps),
         "trial_steps": sum(t["steps"] or 0 for t in trials),
         "metric": tc.metric,
@@ -491,6 +438,129 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     return summary
 
 
+def _validated_space(cfg: RunConfig) -> dict[str, Any]:
+    """``tune.space`` in Ray Tune's form, every searched key tried as a config field, before Ray starts."""
+    tc = cfg.tune
+    space = search_space(tc.space, tc.search, tc.grid_order, tc.seed)  # a bad space fails here
+    _check_space(cfg)
+    if tc.search == "optuna":
+        try:
+            import optuna  # noqa: F401  (Ray's OptunaSearch drives it)
+        except ImportError:
+            raise ConfigError("tune.search=optuna needs the optuna package: pip install optuna") from None
+    return space
+
+
+def _same_search(cfg: RunConfig, rd: RunDir, out: Path) -> bool:
+    """Whether ``out`` holds this very search (which then resumes); another search's trials and
+    Tune state are removed, so that they are never resumed as this one's."""
+    key = _search_key(cfg, rd)
+    saved = out / "search.json"
+    same = saved.is_file() and json.loads(saved.read_text()) == json.loads(json.dumps(key))
+    if not same:
+        shutil.rmtree(out / "ray", ignore_errors=True)
+        shutil.rmtree(out / "trials", ignore_errors=True)
+        write_json(saved, key)
+    return same
+
+
+def train_to_rung(
+    config: dict[str, Any], cfg: RunConfig, data_dir: str, trials_dir: Path, splits: dict[str, Any] | None
+) -> None:
+    """The Ray Tune trainable: one rung run, a trial trained in its own run folder from its
+    checkpoint (if any) to the rung in ``config[STOP_AT]``, reporting the metric there."""
+    from ray import tune
+
+    params = {k: config[k] for k in cfg.tune.space}
+    folder = trials_dir / config[TRIAL]
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "trial.json").is_file():  # its first rung run: where first_step_s counts from
+        write_json(folder / "trial.json", {"started": time.time(), "params": params})
+    trial_cfg = trial_config(
+        cfg, {**params, "run_dir": str(folder), "train.data_dir": data_dir}, config[STOP_AT]
+    )
+    stages.get("train").entry(trial_cfg, splits=splits)
+    metric = REPORTED_AS.get(cfg.tune.metric, cfg.tune.metric)
+    at_rung = [r for r in _trial_metrics(folder) if r.get("step") == config[STOP_AT] and metric in r]
+    if not at_rung:
+        raise RuntimeError(f"{folder}: no {metric} logged at step {config[STOP_AT]}")
+    tune.report({metric: at_rung[-1][metric], "step": config[STOP_AT]})
+
+
+def _tuner(
+    cfg: RunConfig, space: dict[str, Any], storage: Path, resume: bool, splits: dict[str, Any] | None
+) -> tuple[Any, int]:
+    """The Ray Tune ``Tuner`` of the search, restored when ``resume`` and Tune saved one; and how many
+    rung runs it runs at once."""
+    from ray import tune
+
+    tc = cfg.tune
+    trainable = tune.with_parameters(
+        train_to_rung,
+        cfg=cfg,
+        data_dir=str(RunDir.of(cfg).data.dir),
+        trials_dir=storage.parent / "trials",
+        splits=splits,
+    )
+    # The trainable only drives a TorchTrainer: its workers hold the real resources.
+    trainable = tune.with_resources(trainable, {"CPU": 0.01})
+    concurrent = max_concurrent(cfg)
+    experiment = storage / EXPERIMENT
+    if resume and tune.Tuner.can_restore(str(experiment)):
+        # A rung run that failed stays failed: its trial was left out of the rungs it would have joined.
+        return tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True), concurrent
+    searcher = _searcher(cfg, space)
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            metric=REPORTED_AS.get(tc.metric, tc.metric),
+            mode=tc.mode,
+            num_samples=searcher.max_runs(),
+            search_alg=searcher,
+            max_concurrent_trials=concurrent,
+        ),
+        run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(storage), verbose=0),
+    )
+    return tuner, concurrent
+
+
+def _results(out: Path, results: Any, metric: str, mode: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Every trial as a record (from its own run folder) and the best one; when no trial reported the
+    metric, the user error that failed them (the same mistake usually fails every trial)."""
+    errors = {r.config[TRIAL]: str(r.error).splitlines()[0] for r in results if r.error and r.config}
+    trials = [_trial_row(folder, metric, errors) for folder in sorted((out / "trials").glob("*"))]
+    scored = [t for t in trials if t[metric] is not None]
+    if not scored:
+        for r in results:
+            user = find_user_error(r.error) if r.error else None
+            if user is not None:
+                raise user
+        raise RuntimeError(f"no trial reported {metric}: {[t['error'] for t in trials]}")
+    best = min(scored, key=lambda t: t[metric] if mode == "min" else -t[metric])
+    return trials, best
+
+
+def _track(
+    tracked: Tracked,
+    out: Path,
+    trials: list[dict[str, Any]],
+    best: dict[str, Any],
+    metric: str,
+    export: str | None,
+) -> None:
+    """Every trial as a run nested under the search's, the best tagged, its export logged."""
+    tracked.trials(
+        [
+            (t["trial_id"], t["params"], _trial_metrics(out / "trials" / t["trial_id"]), t is best)
+            for t in trials
+        ]
+    )
+    tracked.scores({f"best_{metric}": best[metric]}, best["steps"] or 0)
+    tracked.tag("best_trial", best["trial_id"])
+    if export:
+        tracked.export(export)
+
+
 def _trial_metrics(folder: Path) -> list[dict[str, Any]]:
     """A trial's own train-stage metrics: each trial is a run directory of its own."""
     return RunDir.of(RunConfig(run_dir=str(folder))).read_metrics("train")
@@ -503,7 +573,7 @@ def _trial_row(folder: Path, metric: str, errors: dict[str, str]) -> dict[str, A
     first = next((x["time"] for x in rows if x.get("step") == 1 and "loss" in x), None)
     key = REPORTED_AS.get(metric, metric)
     scored = [x for x in rows if key in x and "step" in x]
-    # The checkpoint of its last finished leg, as that leg's train summary names it.
+    # The checkpoint of its last finished rung run, as that run's train summary names it.
     train = RunDir.of(RunConfig(run_dir=str(folder))).summary("train") or {}
     return {
         "trial_id": folder.name,
@@ -516,7 +586,7 @@ def _trial_row(folder: Path, metric: str, errors: dict[str, str]) -> dict[str, A
     }
 
 
-def _export_best(cfg: RunConfig, rd: RunDir, out: Path, best: dict[str, Any], train: Any) -> str | None:
+def _export_best(cfg: RunConfig, rd: RunDir, out: Path, best: dict[str, Any]) -> str | None:
     """Export the best trial's checkpoint: run to its last step, the train stage finds nothing left to
     train and exports that checkpoint without starting workers, so tune needs no export code."""
     if best["checkpoint"] is None:
@@ -527,7 +597,7 @@ def _export_best(cfg: RunConfig, rd: RunDir, out: Path, best: dict[str, Any], tr
     trial_cfg = validate_config(
         apply_overrides(trial_config(cfg, params, best["steps"]).dump(), sets), origin="tune export"
     )
-    return train(trial_cfg)["export_dir"]
+    return stages.get("train").entry(trial_cfg)["export_dir"]
 
 
 def plot_curves(trials: list[dict[str, Any]], trials_dir: Path, png: Path, max_steps: int) -> None:

@@ -1,4 +1,4 @@
-"""tune: real Ray Tune legs, each a real DeepSpeed run: a grid under ASHA's promotions, interrupted
+"""tune: real Ray Tune rung runs, each a real DeepSpeed run: a grid under ASHA's promotions, interrupted
 and resumed, its best config reproduced by `rayllm train`; the promotion rule itself without Ray."""
 
 from __future__ import annotations
@@ -33,12 +33,12 @@ def tune_cfg(prepped: RunConfig, run_dir: Path, space: dict, **tune) -> RunConfi
 
 def test_grid_asha_resume_and_best_config(ray_cluster, prepped, tmp_path):
     """A plain list is a grid (2 trials, not 1 sample); ASHA leaves the weak one at the first rung and
-    trains the best on, rung by rung, from its checkpoints; a search killed after its first leg resumes
+    trains the best on, rung by rung, from its checkpoints; a search killed after its first rung run resumes
     without re-running it; best.yaml reproduces the best trial."""
     from rayllm.train.stage import run as train
 
-    # One leg at a time (tune.seed 0 keeps this grid's order: 3e-3 first, then the weak 3e-5).
-    # Rungs 2 and 16 (reduction factor 8): three legs; tests above check promotions within a grid.
+    # One rung run at a time (tune.seed 0 keeps this grid's order: 3e-3 first, then the weak 3e-5).
+    # Rungs 2 and 16 (reduction factor 8): three rung runs; tests above check promotions within a grid.
     cfg = tune_cfg(
         prepped, tmp_path, {"train.optimizer.lr": [3e-3, 3e-5]}, max_concurrent=1, reduction_factor=8
     )
@@ -49,7 +49,7 @@ def test_grid_asha_resume_and_best_config(ray_cluster, prepped, tmp_path):
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
 
-    def recorded_done() -> bool:  # Tune's own experiment state lists a leg as finished
+    def recorded_done() -> bool:  # Tune's own experiment state lists a rung run as finished
         states = (tmp_path / "tune" / "ray").glob("*/experiment_state-*.json")
         return any("TERMINATED" in p.read_text() for p in states)
 
@@ -71,7 +71,7 @@ def test_grid_asha_resume_and_best_config(ray_cluster, prepped, tmp_path):
 
     first_steps = trained(first)
     first_trial = (first.parent / "trial.json").read_text()  # a trial started again rewrites it
-    assert first.parent.name == "trial_000" and first_steps[-1] == 2  # its first leg: to the first rung
+    assert first.parent.name == "trial_000" and first_steps[-1] == 2  # its first rung run: to the first rung
 
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -82,7 +82,7 @@ def test_grid_asha_resume_and_best_config(ray_cluster, prepped, tmp_path):
     assert "trial_000 promoted to step 16" in done.stderr
     s = json.loads((tmp_path / "tune" / "summary.json").read_text())
     assert s["trials"] == 2 and [t["trial_id"] for t in s["all"]] == ["trial_000", "trial_001"]
-    assert s["trials_stopped_early"] == 1 and s["rungs"] == [2, 16] and s["legs"] == 3
+    assert s["trials_stopped_early"] == 1 and s["rungs"] == [2, 16] and s["rung_runs"] == 3
     for t in s["all"]:  # every trial validated at each rung it reached, off its eval_every
         trial_run = RunConfig(run_dir=str(tmp_path / "tune" / "trials" / t["trial_id"]))
         rows = RunDir.of(trial_run).read_metrics("train")
@@ -165,36 +165,36 @@ def test_rungs_and_every_trial_validates_at_them():
     assert grace_period(cfg(500, max_steps=100)) == 100 and rungs(cfg(500, max_steps=100)) == [100]
     assert rungs(cfg(max_steps=81, grace_period=1)) == [1, 3, 9, 27, 81]
     assert rungs(cfg(max_steps=64, grace_period=2, reduction_factor=2)) == [2, 4, 8, 16, 32, 64]
-    assert rungs(cfg(max_steps=150, scheduler="fifo")) == [150]  # one leg: every trial to the end
+    assert rungs(cfg(max_steps=150, scheduler="fifo")) == [150]  # one rung run: every trial to the end
     # A trial validates at every rung before its last step (which always validates), plus its own.
     assert trial_config(cfg(0, max_steps=100), {}).train.eval_at == [7, 11, 33, 99]
     assert trial_config(cfg(max_steps=81, grace_period=1), {}).train.eval_at == [1, 3, 7, 9, 27]
     assert trial_config(cfg(0, max_steps=100, scheduler="fifo"), {}).train.eval_at == [7]
-    # A leg stops at its rung on the schedule of the whole trial.
-    leg = trial_config(cfg(0, max_steps=100), {"train.optimizer.lr": 1e-3}, stop_at=33).train
-    assert (leg.max_steps, leg.stop_at, leg.end_step, leg.optimizer.lr) == (100, 33, 33, 1e-3)
+    # A rung run stops at its rung on the schedule of the whole trial.
+    one = trial_config(cfg(0, max_steps=100), {"train.optimizer.lr": 1e-3}, stop_at=33).train
+    assert (one.max_steps, one.stop_at, one.end_step, one.optimizer.lr) == (100, 33, 33, 1e-3)
     with pytest.raises(ValueError, match="grace_period=200 is longer than a trial"):
         cfg(max_steps=100, grace_period=200)
     with pytest.raises(ValueError, match="stop_at=120 is past the run's max_steps=100"):
         RunConfig.model_validate({"train": {"max_steps": 100, "stop_at": 120}})
 
 
-def _search(searcher, loss, legs: list | None = None) -> dict[str, int]:
-    """Drive a searcher as Tune does with one leg at a time; ``loss(params, step)`` scores a leg.
-    Returns each trial's last step; ``legs`` collects (trial, step) in the order they ran."""
+def _search(searcher, loss, runs: list | None = None) -> dict[str, int]:
+    """Drive a searcher as Tune does with one rung run at a time; ``loss(params, step)`` scores one.
+    Returns each trial's last step; ``runs`` collects (trial, step) in the order they ran."""
     from rayllm.tune import STOP_AT, TRIAL
 
     reached: dict[str, int] = {}
     for n in range(100):
-        leg = searcher.suggest(f"leg{n}")
-        if leg == "FINISHED":
+        job = searcher.suggest(f"job{n}")
+        if job == "FINISHED":
             return reached
-        assert leg is not None  # nothing runs, so there is always a leg or the end
-        reached[leg[TRIAL]] = leg[STOP_AT]
-        if legs is not None:
-            legs.append((leg[TRIAL], leg[STOP_AT]))
-        value = loss(leg, leg[STOP_AT])
-        searcher.on_trial_complete(f"leg{n}", None if value is None else {"val_loss": value})
+        assert job is not None  # nothing runs, so there is always a job or the end
+        reached[job[TRIAL]] = job[STOP_AT]
+        if runs is not None:
+            runs.append((job[TRIAL], job[STOP_AT]))
+        value = loss(job, job[STOP_AT])
+        searcher.on_trial_complete(f"job{n}", None if value is None else {"val_loss": value})
     raise AssertionError("the search did not end")
 
 
@@ -206,29 +206,32 @@ def test_promotions_follow_the_asha_paper_and_survive_a_restore(tmp_path):
     lrs = [1e-4, 3e-3, 1e-3, 3e-4, 1e-2, 3e-5, 2e-3, 5e-4, 1e-5]  # 3e-3 is the best at every step
     trials = [{"train.optimizer.lr": lr} for lr in lrs]
 
-    def loss(leg: dict, step: int) -> float:
-        return 1 + abs(math.log(leg["train.optimizer.lr"] / 3e-3)) + 10 / step
+    def loss(job: dict, step: int) -> float:
+        return 1 + abs(math.log(job["train.optimizer.lr"] / 3e-3)) + 10 / step
 
-    legs: list = []
-    reached = _search(Promotions([1, 3, 9], 3, "val_loss", "min", trials=trials), loss, legs)
+    runs: list = []
+    reached = _search(Promotions([1, 3, 9], 3, "val_loss", "min", trials=trials), loss, runs)
     # The third result lets the best of three (trial 1, 3e-3) go on before trial 3 starts.
-    assert legs[:4] == [("trial_000", 1), ("trial_001", 1), ("trial_002", 1), ("trial_001", 3)]
+    assert runs[:4] == [("trial_000", 1), ("trial_001", 1), ("trial_002", 1), ("trial_001", 3)]
     assert sorted(reached.values()) == [1] * 6 + [3] * 2 + [9]  # 9 trials, 3 promoted, 1 to the end
     assert reached["trial_001"] == 9 and sum(reached.values()) == 21  # the grid would run 81 steps
 
-    # Saved after any leg and restored into a fresh searcher, the search goes on the same way.
+    # Saved after any rung run and restored into a fresh searcher, the search goes on the same way.
     first = Promotions([1, 3, 9], 3, "val_loss", "min", trials=trials)
     for n in range(5):
-        leg = first.suggest(f"leg{n}")
-        first.on_trial_complete(f"leg{n}", {"val_loss": loss(leg, leg["stop_at"])})
+        job = first.suggest(f"job{n}")
+        first.on_trial_complete(f"job{n}", {"val_loss": loss(job, job["stop_at"])})
     running = first.suggest("leg5")  # in flight when the search was interrupted
-    first.save(str(tmp_path / "searcher.pkl"))
+    first.save(str(tmp_path / "searcher.json"))
+    saved = json.loads((tmp_path / "searcher.json").read_text())  # explicit state, by name
+    assert saved["running"] == {"leg5": [int(running["trial"][-3:]), [1, 3, 9].index(running["stop_at"])]}
+    assert sum(len(r) for r in saved["results"]) == 5 and saved["sampler"] is None
     again = Promotions([1, 3, 9], 3, "val_loss", "min", trials=[])
-    again.restore(str(tmp_path / "searcher.pkl"))
+    again.restore(str(tmp_path / "searcher.json"))
     again.on_trial_complete("leg5", {"val_loss": loss(running, running["stop_at"])})
     rest: list = []
     _search(again, loss, rest)
-    assert [(running["trial"], running["stop_at"]), *rest][: len(legs) - 5] == legs[5:]
+    assert [(running["trial"], running["stop_at"]), *rest][: len(runs) - 5] == runs[5:]
 
 
 def test_few_trials_still_hand_on_one_trained_to_the_end_and_failures_are_left_out():
@@ -236,8 +239,8 @@ def test_few_trials_still_hand_on_one_trained_to_the_end_and_failures_are_left_o
 
     trials = [{"train.optimizer.lr": lr} for lr in (3e-3, 3e-5, 1.0)]
 
-    def loss(leg: dict, step: int) -> float | None:  # lr 1.0 fails (no metric)
-        lr = leg["train.optimizer.lr"]
+    def loss(job: dict, step: int) -> float | None:  # lr 1.0 fails (no metric)
+        lr = job["train.optimizer.lr"]
         return None if lr == 1.0 else abs(math.log(lr / 3e-3)) + 1 / step
 
     # Two results at the first rung are too few to promote one of three: the best goes on anyway.
@@ -265,8 +268,8 @@ def test_a_sampler_proposes_new_trials_and_learns_first_rung_results():
 
     proposer = Proposer()
     searcher = Promotions([2, 6], 3, "val_loss", "min", sampler=proposer, samples=6)
-    reached = _search(searcher, lambda leg, step: abs(math.log10(leg["train.optimizer.lr"]) + 3) + 1 / step)
+    reached = _search(searcher, lambda job, step: abs(math.log10(job["train.optimizer.lr"]) + 3) + 1 / step)
     assert len(reached) == 6 and sorted(proposer.told) == sorted(reached)  # each told once: rung 1
     lrs = {k: searcher.params[int(k[-3:])]["train.optimizer.lr"] for k in proposer.told}
     assert all(v == pytest.approx(0.5 + abs(math.log10(lrs[k]) + 3)) for k, v in proposer.told.items())
-    assert sorted(reached.values()) == [2, 2, 2, 2, 6, 6] and searcher.max_legs() == 12
+    assert sorted(reached.values()) == [2, 2, 2, 2, 6, 6] and searcher.max_runs() == 12
