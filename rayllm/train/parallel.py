@@ -36,12 +36,11 @@ PEAK_FLOPS = {
 def cpu_runtime(threads: int) -> bool:
     """A CPU worker's process: ``threads`` intra-op threads, and freed memory kept for reuse.
 
-    glibc hands every freed block above its trim threshold back to the kernel, so each step
-    page-faults its activations and logits in again: 16,000 minor faults per step for the demo model,
-    8-14% of its step time on a 2-core machine. Blocks up to 32 MB (glibc's ceiling for this
-    setting) stay on the heap and the heap is not trimmed; the process keeps its peak, which a
-    training loop reaches again every step anyway. Returns whether the allocator took the setting
-    (glibc only; elsewhere the allocator is left as it is).
+    glibc hands every freed block above its trim threshold back to the kernel, so each step would
+    page-fault its activations and logits in again (docs/design.md has the measurement). Blocks up
+    to 32 MB (glibc's ceiling for this setting) stay on the heap and the heap is not trimmed: the
+    process keeps its peak, which a training loop reaches again every step anyway. Returns whether
+    the allocator took the setting (glibc only; elsewhere the allocator is left as it is).
     """
     torch.set_num_threads(threads)
     try:
@@ -140,8 +139,8 @@ def parallelize(
             config=deepspeed_config(t, world, load_universal, sum(p.numel() for p in objective.parameters())),
         )
     compile = t.deepspeed.compile if t.deepspeed.compile is not None else t.use_gpu
-    # DeepSpeed's Muon wraps its Newton-Schulz kernels in torch.compile. On CPU, inductor spends
-    # 18-76 s per worker on them at the first step and the steps run no faster than eager, so there
+    # DeepSpeed's Muon wraps its Newton-Schulz kernels in torch.compile. On CPU inductor spends up to
+    # a minute per worker on them and the steps run no faster (docs/benchmarks.md), so there
     # torch.compile directives run eagerly unless train.deepspeed.compile asks for compiling.
     torch.compiler.set_stance("default" if compile or t.use_gpu else "force_eager")
     if compile:
