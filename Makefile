@@ -39,7 +39,7 @@ demo: install
 	$(BIN)/rayllm demo --config examples/configs/shakespeare-cpu.yaml
 
 test: install
-	$(BIN)/pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/pytest -q -m "not slow" --durations=25 $(PYTEST_ARGS)
 
 test-all: install
 	$(BIN)/pytest -q $(PYTEST_ARGS)

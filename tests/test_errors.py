@@ -85,11 +85,25 @@ def one_line_exit_2(result: tuple[int, list[str]], pattern: str) -> None:
     assert lines[0].startswith("error: ") and re.search(pattern, lines[0]), lines[0]
 
 
+def in_process(*args: str) -> tuple[int, list[str]]:
+    """The same CLI, run in this process (typer's runner) on the session's Ray: no interpreter start."""
+    from typer.testing import CliRunner
+
+    from rayllm.cli import app
+
+    result = CliRunner().invoke(app, list(args))
+    unexpected = result.exception is not None and not isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.stderr and not unexpected, (result.exception, result.stderr[-3000:])
+    return result.exit_code, [ln for ln in result.stderr.splitlines() if ln.strip()]
+
+
 @pytest.mark.parametrize(("make", "fmt", "pattern"), [s[1:] for s in SOURCES], ids=[s[0] for s in SOURCES])
 def test_bad_source_is_one_line_and_exit_2(cli_env, tmp_path, make, fmt, pattern):
+    """The first case as a user's process; the rest in process, the same code path after start-up."""
     src = make(tmp_path)
-    source = f"data.sources=[{{path: '{src}', format: {fmt}}}]"
-    one_line_exit_2(rayllm(cli_env, "prep", "-r", str(tmp_path / "run"), "--set", source), pattern)
+    args = ("prep", "-r", str(tmp_path / "run"), "--set", f"data.sources=[{{path: '{src}', format: {fmt}}}]")
+    first = make is SOURCES[0][1]
+    one_line_exit_2(rayllm(cli_env, *args) if first else in_process(*args), pattern)
 
 
 def test_folders_that_are_not_what_they_claim(cli_env, prepped, tmp_path):
