@@ -975,7 +975,10 @@ def reference_markdown() -> str:
                 nested.append((f"{prefix}{name}[].", sub))
             default = "[]" if listed else field.get_default(call_default_factory=True)
             default = "required" if field.is_required() else default
-            rows.append(f"| `{prefix}{name}` | {_type_name(ann)} | `{default}` | {field.description or ''} |")
+            notes = field.description or ""
+            if (field.json_schema_extra or {}).get("resumable"):
+                notes += " *(resumable: changing it continues a run from its checkpoint)*"
+            rows.append(f"| `{prefix}{name}` | {_type_name(ann)} | `{default}` | {notes} |")
         if rows:
             doc = " ".join((model.__doc__ or "").split())
             lines.extend(
