@@ -91,6 +91,7 @@ class Worker:
         seq_len: int,
         state: TrainState | None = None,
         flops_per_token: float = 0.0,
+        peak: float = math.inf,
         hf_config: Any = None,
         storage: str = "",
         train: Any = None,
@@ -108,7 +109,7 @@ class Worker:
         self.accum = t.grad_accum(world)
         self.collate = RankSlice(rank, world)
         self._val: list[dict[str, torch.Tensor]] | None = None
-        self.peak = peak_flops(device, t.deepspeed.precision) * world
+        self.peak = peak  # FLOP/s of the whole group: MFU's denominator
         self.watchdog = Watchdog(t.collective_timeout_s, rank)
 
     # ------------------------------------------------------------------------------------- data
@@ -451,13 +452,13 @@ def build_worker(config: dict[str, Any]) -> Worker:
         checkpoint.restore(engine, ckpt, saved, rank, world)
         state = TrainState(**{**saved.__dict__, "world": world})
         events.append({"event": "resume", "step": saved.step, "from_world": saved.world, "world": world})
+    data = PackedData(Path(config["data_dir"]))
     worker = Worker(
         t, engine, scheduler, device=device, rank=rank, world=world, seq_len=m.seq_len, state=state,
-        flops_per_token=flops, hf_config=hf_config, storage=storage, metrics=metrics, tb=tb,
+        flops_per_token=flops, peak=peak_flops(device, t.deepspeed.precision) * world,
+        hf_config=hf_config, storage=storage, metrics=metrics, tb=tb,
         train=ray.train.get_dataset_shard("train"), val=ray.train.get_dataset_shard("val"),
-        train_from=lambda start: rows_from(
-            config["train_data"], PackedData(Path(config["data_dir"])), start, t.global_batch
-        ),
+        train_from=lambda start: rows_from(config["train_data"], data, start, t.global_batch),
     )  # fmt: skip
     for event in events:
         worker._log(**event)
