@@ -114,9 +114,24 @@ def guarded(ray_cluster: Any, model_dir: Path, tmp_path_factory: pytest.TempPath
         "max_tokens_limit": 4000,
     }
     try:
-        yield stage.start(RunConfig.model_validate({"run_dir": str(run_dir), "serve": serve})), run_dir
+        url = stage.start(RunConfig.model_validate({"run_dir": str(run_dir), "serve": serve}))
+        _warm_up(url)
+        yield url, run_dir
     finally:
         stage.shutdown()
+
+
+def _warm_up(url: str) -> None:
+    """The first requests of a fresh server pay one-time costs (vLLM's warm-up, the first stream's
+    path through Serve), which on a busy 2-core machine once ran past this server's 8 s timeout (the
+    full suite saw a 504 before the first streamed byte); the tests below are about the queue and
+    the timeout in steady state, so a plain and a streamed request run first."""
+    deadline = time.monotonic() + 120
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as c:
+        for stream in (False, True):
+            body = {"prompt": "x", "max_tokens": 2, "stream": stream}
+            while (r := c.post("/v1/completions", json=body)).status_code != 200:
+                assert r.status_code == 504 and time.monotonic() < deadline, r.text[:300]
 
 
 @pytest.fixture
