@@ -314,12 +314,24 @@ class RunDir:
 
 
 def model_folder(path: Path, origin: str, field: str = "model_dir") -> str:
-    """``path`` if it is a Hugging Face model folder, else one line naming ``field``."""
+    """``path`` if it is a Hugging Face model folder whose safetensors headers read, else one line
+    naming ``field``. Checked here because vLLM, inside a Ray replica or actor, reports a broken
+    weights file as "Failed to create vLLM engine config:" with the reason lost."""
+    from safetensors import SafetensorError, safe_open
+
     if not (path / "config.json").is_file():
         raise RunDirError(
             f"{origin}: not a Hugging Face model folder (no config.json in {path.resolve()}); "
             f"point {field} at a folder written by save_pretrained"
         )
+    for weights in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(weights), "np"):  # reads the header only
+                pass
+        except (SafetensorError, OSError) as e:
+            raise RunDirError(
+                f"{origin}: {weights.name} is not a readable safetensors file ({e}); export the model again"
+            ) from None
     return str(path.resolve())
 
 

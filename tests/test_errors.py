@@ -179,7 +179,8 @@ def test_errors_inside_train_workers(cli_env, prepped, tmp_path):
 
 @pytest.mark.slow
 def test_errors_inside_tune_trials_and_serve_replicas(cli_env, prepped, tmp_path):
-    """The same inside a Ray Tune trial's workers, and in a Ray Serve replica's constructor."""
+    """The same inside a Ray Tune trial's workers; a model folder whose weights do not read is named
+    before a Serve replica tries it (vLLM there loses the reason)."""
     from serve_helpers import make_tiny_gpt2
 
     base = _from_prepped(prepped)
@@ -191,7 +192,7 @@ def test_errors_inside_tune_trials_and_serve_replicas(cli_env, prepped, tmp_path
     port = ["--set", f"serve.port={free_port()}", "--set", f"serve.model_dir={broken}"]
     one_line_exit_2(
         rayllm(cli_env, "serve", "-r", str(tmp_path / "serve"), *port),
-        r"the model server failed to start: .*(safetensors|header)",
+        r"serve\.model_dir=.*broken: model\.safetensors is not a readable safetensors file \(",
     )
 
 

@@ -197,4 +197,7 @@ def _deploy_failure() -> str | None:
     message = "\n".join([app.message, *(d.message for d in app.deployments.values())])
     lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
     errors = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception)\b.*:", ln)]
-    return errors[-1] if errors else (lines[-1] if lines else "no message")
+    line = errors[-1] if errors else (lines[-1] if lines else "no message")
+    if line.endswith(":"):  # a wrapper whose cause had no message (vLLM's engine config errors)
+        line += " (no reason given; the replica's log is under /tmp/ray/session_latest/logs/serve)"
+    return line
