@@ -328,8 +328,9 @@ def test_a_resume_reads_the_split_from_its_position_not_from_the_start(ray_clust
             np.testing.assert_array_equal(read(materialized, start), want(start))
     finally:
         ray.kill(hold)
-    for start in (0, 1023, 1500, 2550, 2600, 5900):
+    for start in (0, 1023, 1500, 2550, 2600, 5900, 6000):  # 6000: a checkpoint at the epoch's end
         np.testing.assert_array_equal(read(data.read("train"), start), want(start))
+    assert read(materialized, 6000).shape == (0, 3)
     (data.dir / writer.shards[0]["path"]).write_bytes(b"not parquet")  # a resume past it never opens it
     np.testing.assert_array_equal(read(data.read("train", 2500), 2500), want(2500))
     with pytest.raises(RunDirError, match="row 6000 is past the end of the train split"):

@@ -377,6 +377,8 @@ def rows_from(ds: Any, data: PackedData, start: int, batch: int) -> Iterator[dic
 
     if isinstance(ds, MaterializedDataset):
         tables = _blocks_from(ds, start)
+    elif start >= sum(rows for _, rows in data.shards("train")):
+        return  # a checkpoint at the end of an epoch: nothing left of it
     else:
         tables = data.read("train", start).iter_batches(batch_size=batch, batch_format="pyarrow")
     pending: list[pa.Table] = []
