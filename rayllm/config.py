@@ -48,12 +48,17 @@ RESUMABLE = {"resumable": True}  # changes how long or how observably a run trai
 PER_TRIAL = {"per_trial": True}  # each tune trial sets it itself: not part of what a search is
 
 
+def has_mark(field: Any, mark: dict[str, bool]) -> bool:
+    """Whether a pydantic field carries ``mark`` in its ``json_schema_extra``."""
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    return all(extra.get(k) == v for k, v in mark.items())
+
+
 def marked(mark: dict[str, bool], model: type[BaseModel] | None = None, prefix: str = "") -> set[str]:
     """Dotted paths of the fields of ``model`` (default: the whole run config) carrying ``mark``."""
-    key = next(iter(mark))
     out: set[str] = set()
     for name, field in (model or RunConfig).model_fields.items():
-        if (field.json_schema_extra or {}).get(key):
+        if has_mark(field, mark):
             out.add(prefix + name)
         ann = field.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
@@ -976,7 +981,7 @@ def reference_markdown() -> str:
             default = "[]" if listed else field.get_default(call_default_factory=True)
             default = "required" if field.is_required() else default
             notes = field.description or ""
-            if (field.json_schema_extra or {}).get("resumable"):
+            if has_mark(field, RESUMABLE):
                 notes += " *(resumable: changing it continues a run from its checkpoint)*"
             rows.append(f"| `{prefix}{name}` | {_type_name(ann)} | `{default}` | {notes} |")
         if rows:
