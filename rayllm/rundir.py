@@ -192,12 +192,15 @@ class PackedData:
         import ray.data
 
         shards, skipped = self.shards(split), 0
+        last = shards[-1][0]
         while shards and skipped + shards[0][1] <= start:
             skipped += shards.pop(0)[1]
-        if not shards:
-            raise RunDirError(f"{self.manifest_path}: row {start} is past the end of the {split} split")
         offset, paths = start - skipped, [path for path, _ in shards]
-        if not offset:
+        if not shards and offset == 0:  # start at the end: no rows, the split's columns
+            ds = ray.data.from_arrow(pq.read_schema(last).empty_table())
+        elif not shards:
+            raise RunDirError(f"{self.manifest_path}: row {start} is past the end of the {split} split")
+        elif not offset:
             ds = ray.data.read_parquet(paths)
         else:
             first = pq.ParquetFile(paths[0])
