@@ -182,7 +182,7 @@ def test_network_address_without_keys_refuses_to_start(model_dir: Path, tmp_path
     assert len([ln for ln in bad.stderr.splitlines() if ln.strip()]) == 1
     from rayllm.config import ServeConfig
     from rayllm.errors import ConfigError
-    from rayllm.serve.deployment import KEYS_FILE_ENV, api_keys, check_exposure
+    from rayllm.serve.preflight import KEYS_FILE_ENV, api_keys, check_exposure
 
     empty = tmp_path / "empty-keys"
     empty.write_text("\n# comments only\n")

@@ -10,7 +10,6 @@ template for models without one.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -24,16 +23,16 @@ from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 from transformers import AutoConfig
 
-from rayllm.config import RunConfig, ServeConfig, validate_config
-from rayllm.errors import ConfigError, RunDirError
+from rayllm.config import ServeConfig, validate_config
+from rayllm.errors import ConfigError
 from rayllm.model.build import context_length
 from rayllm.model.chat import FALLBACK_CHAT_STOP, FALLBACK_CHAT_TEMPLATE
 from rayllm.model.engine import vllm_bundles, vllm_engine_kwargs
-from rayllm.rundir import RunDir, model_folder
-from rayllm.runtime import is_loopback, worker_env
+from rayllm.rundir import model_folder
+from rayllm.runtime import worker_env
 from rayllm.serve import http
+from rayllm.serve.preflight import KEYS_FILE_ENV, api_keys, check_exposure, model_name, resolve_model_dir
 
-KEYS_FILE_ENV = "RAYLLM_API_KEYS_FILE"
 # The routes clients use, as Ray Serve LLM's ingress names its methods, plus rayllm's /health.
 ROUTES = {
     "models": lambda app: app.get("/v1/models"),
@@ -131,44 +130,6 @@ class Ingress(OpenAiIngress):
 
 
 # ---------------------------------------------------------------------------------- app building
-def resolve_model_dir(serve_cfg: ServeConfig, run_dir: str | None) -> str:
-    """``serve.model_dir``, else the run's exported model (``train/summary.json`` ``export_dir``)."""
-    if not serve_cfg.model_dir and not run_dir:
-        raise RunDirError("no model: set serve.model_dir, or a run_dir whose train stage exported a model")
-    return RunDir.of(RunConfig(run_dir=run_dir or ".")).model_dir(serve_cfg.model_dir, "serve.model_dir")
-
-
-def model_name(serve_cfg: ServeConfig, model_dir: str) -> str:
-    return serve_cfg.model_name or Path(model_dir).name
-
-
-def api_keys(serve_cfg: ServeConfig) -> list[str]:
-    """``serve.api_keys`` plus the lines of ``serve.api_keys_file`` (default ``$RAYLLM_API_KEYS_FILE``)."""
-    keys = [k.get_secret_value().strip() for k in serve_cfg.api_keys]
-    path = serve_cfg.api_keys_file or os.environ.get(KEYS_FILE_ENV)
-    if path:
-        field = "serve.api_keys_file" if serve_cfg.api_keys_file else f"${KEYS_FILE_ENV}"
-        try:
-            lines = Path(path).expanduser().read_text(encoding="utf-8").splitlines()
-        except OSError as e:
-            raise ConfigError(f"{field}: cannot read the API key file {path} ({e.strerror})") from None
-        from_file = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
-        if not from_file:
-            raise ConfigError(f"{field}: {path} holds no API key (one per line)")
-        keys += from_file
-    return keys
-
-
-def check_exposure(serve_cfg: ServeConfig, keys: list[str]) -> None:
-    """Refuse to put a model on a network address without keys unless told so explicitly."""
-    if keys or serve_cfg.allow_unauthenticated or is_loopback(serve_cfg.host):
-        return
-    raise ConfigError(
-        f"serve.host={serve_cfg.host} lets anyone who reaches port {serve_cfg.port} use the model: set "
-        f"serve.api_keys or serve.api_keys_file (or ${KEYS_FILE_ENV}), or serve.allow_unauthenticated=true"
-    )
-
-
 def _fallback_chat(model_dir: str) -> bool:
     """Whether the model's tokenizer lacks a chat template (models rayllm trains from scratch)."""
     d = Path(model_dir)

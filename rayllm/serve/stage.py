@@ -39,11 +39,15 @@ def start(cfg: RunConfig) -> str:
     """
     if not cfg.cluster.verbose:  # vLLM logs its platform checks as it is imported
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    from rayllm.serve.preflight import check, model_name
+
+    s = cfg.serve
+    model_dir, keys = check(cfg)  # before Ray and vLLM are imported: a refusal is one line at once
     from ray import serve as ray_serve
 
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
-    from rayllm.serve.deployment import api_keys, build_app, check_exposure, model_name, resolve_model_dir
+    from rayllm.serve.deployment import build_app
 
     # Importing Ray Serve LLM swaps the root logger's handlers for its own JSON one at INFO: this
     # process's console stays as the CLI set it up.
@@ -52,10 +56,6 @@ def start(cfg: RunConfig) -> str:
 
     if not cfg.cluster.verbose:  # importing Serve set its logger to INFO
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
-    s = cfg.serve
-    model_dir = resolve_model_dir(s, cfg.run_dir)
-    keys = api_keys(s)
-    check_exposure(s, keys)  # before Ray starts: a refusal costs nothing
     init_ray(cfg.cluster, use_gpu=s.gpus_per_replica > 0)
     ray_serve.start(http_options={"host": s.host, "port": s.port})
     client_host = "127.0.0.1" if s.host in ("0.0.0.0", "::", "") else s.host
@@ -105,6 +105,9 @@ def shutdown() -> None:
 
 def run(cfg: RunConfig) -> dict[str, Any]:
     """``start``, block until Ctrl-C or SIGTERM, then shut Serve (and a Ray it started) down."""
+    from rayllm.serve.preflight import check
+
+    check(cfg)  # before a Ray of its own starts
     rd = RunDir.of(cfg)
     with ray_session(cfg.cluster, use_gpu=cfg.serve.gpus_per_replica > 0):
         url = start(cfg)
