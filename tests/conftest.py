@@ -8,10 +8,17 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+from ray_head import free_port
 
 from rayllm.config import RunConfig, validate_config
 
@@ -109,3 +116,42 @@ def prepped(ray_cluster, tiny_corpus: Path, tmp_path_factory: pytest.TempPathFac
     cfg = tiny_config(tmp_path_factory.mktemp("run"), tiny_corpus)
     prep(cfg)
     return cfg
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``mlflow server`` on 127.0.0.1 with a sqlite store, telemetry off; stopped by its PID. Shared
+    by test_tracking and test_tune's search, each in an experiment of its own."""
+    pytest.importorskip("mlflow")
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}
+    cmd = [
+        sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--default-artifact-root",
+        str(root / "artifacts"), "--workers", "1",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            try:
+                if httpx.get(f"{url}/health", timeout=2, trust_env=False).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "mlflow server did not come up"
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def mlflow_history(client: Any, run_id: str, key: str) -> dict[int, float]:
+    """A metric's values by step, as the MLflow server holds them."""
+    return {m.step: m.value for m in client.get_metric_history(run_id, key)}

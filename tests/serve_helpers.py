@@ -53,3 +53,28 @@ def make_tiny_gpt2(
     GPT2LMHeadModel(config).save_pretrained(folder)
     write_gpt2_tokenizer(folder)
     return folder
+
+
+def transformers_greedy(model_dir: Path, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """The reference: each prompt through the chat template, greedy `generate` one at a time in fp32,
+    cut at the template's stop string."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rayllm.model import chat
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = []
+    for prompt in prompts:
+        text = chat.render(tok, [{"role": "user", "content": prompt}], add_generation_prompt=True)
+        ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            gen = lm.generate(
+                ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.eos_token_id
+            )
+        answer = tok.decode(gen[0, ids.shape[1] :], skip_special_tokens=True)
+        for stop in chat.stops(tok):
+            answer = answer.split(stop, 1)[0]
+        out.append(answer.strip())
+    return out

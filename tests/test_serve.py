@@ -18,7 +18,7 @@ import openai
 import pytest
 import torch
 from ray_head import free_port
-from serve_helpers import make_tiny_gpt2
+from serve_helpers import make_tiny_gpt2, transformers_greedy
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rayllm.config import RunConfig, ServeConfig
@@ -93,7 +93,8 @@ def _logprobs(hf: tuple[Any, Any], ids: list[int]) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------- no Ray needed
 def test_model_dir_resolution_errors(tmp_path: Path, model_dir: Path) -> None:
-    from rayllm.serve.deployment import app_builder, resolve_model_dir
+    from rayllm.serve.deployment import app_builder
+    from rayllm.serve.preflight import resolve_model_dir
 
     with pytest.raises(RunDirError, match="not a Hugging Face model folder"):
         resolve_model_dir(ServeConfig(model_dir=str(tmp_path)), None)
@@ -386,6 +387,39 @@ BAD_REQUESTS = [
     ("2 MB chunked body without a length", "/v1/completions", "chunked", 413, None),
     ("unknown route", "/v1/embeddings", {"input": "x"}, 404, None),
 ]
+
+
+def test_eval_scores_a_task_against_the_server(
+    ray_cluster: Any, server: str, model_dir: Path, tmp_path: Path
+) -> None:
+    """`rayllm eval` with eval.endpoint: the prompts go through the model's chat template over the
+    OpenAI API, and the greedy answers are transformers' (test_tasks checks the same of Ray Data LLM)."""
+    import os
+    import subprocess
+    import sys
+
+    from rayllm.eval import metrics
+
+    rows = [
+        {"prompt": "Capital of France?", "completion": "Paris"},
+        {"prompt": "2 + 2?", "completion": "4", "answers": ["4", "four"]},
+        {"prompt": "你好吗？", "completion": "我很好"},
+    ]
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    task = f'eval.tasks=[{{name: qa, file: "{qa}", kind: qa, max_new_tokens: 4}}]'
+    cmd = [sys.executable, "-m", "rayllm", "eval", "--run-dir", str(tmp_path / "run"),
+           "--set", "eval.lm=false", "--set", task, "--set", f"eval.endpoint={server}/v1"]  # fmt: skip
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    written = (tmp_path / "run" / "eval" / "qa" / "predictions.jsonl").read_text(encoding="utf-8")
+    answers = [json.loads(x)["predictions"][0] for x in written.splitlines()]
+    assert answers == transformers_greedy(model_dir, [r["prompt"] for r in rows], 4)
+    summary = json.loads((tmp_path / "run" / "eval" / "summary.json").read_text())
+    scores = metrics.question_answering(answers, [r.get("answers", [r["completion"]]) for r in rows])
+    rounded = {k: round(v, 3) for k, v in scores.items()}
+    assert summary["tasks"]["qa"] == {"kind": "qa", "examples": 3, **rounded}
 
 
 @pytest.mark.parametrize(

@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
-from test_tune import tune_cfg
+from conftest import mlflow_history
+from ray_head import free_port
 
 from rayllm.config import RunConfig
 from rayllm.rundir import read_jsonl
@@ -22,117 +18,78 @@ from rayllm.rundir import read_jsonl
 mlflow = pytest.importorskip("mlflow")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``mlflow server`` on 127.0.0.1 with a sqlite store, telemetry off; stopped by its PID."""
-    root = tmp_path_factory.mktemp("mlflow")
-    port = _free_port()
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}
-    cmd = [
-        sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--default-artifact-root",
-        str(root / "artifacts"), "--workers", "1",
-    ]  # fmt: skip
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            try:
-                if httpx.get(f"{url}/health", timeout=2, trust_env=False).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, "mlflow server did not come up"
-            time.sleep(0.5)
-        yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-
-
-def _history(client, run_id: str, key: str) -> dict[int, float]:
-    return {m.step: m.value for m in client.get_metric_history(run_id, key)}
-
-
-def test_train_eval_and_tune_log_to_a_real_mlflow_server(ray_cluster, prepped, tmp_path, mlflow_server):
-    """train: the resolved config as params, every logged step's loss at its step, the export path;
-    eval: its scores on the train's run; tune: one nested run per trial with its settings and rung
-    metrics, the best tagged."""
+def test_train_and_eval_log_to_mlflow_and_wandb_at_once(ray_cluster, prepped, tmp_path, mlflow_server):
+    """One run, both trackers. MLflow (a real server): the resolved config as params, every logged
+    step's loss and val_loss at its step, the export path, eval's scores on the train's run. W&B
+    offline: the run folders it writes, read back with wandb's own reader, hold every logged step's
+    loss at its step, eval's scores and the config. (Tune's trials: test_tune's search.)"""
+    pytest.importorskip("wandb")
     from mlflow import MlflowClient
+    from wandb.proto import wandb_internal_pb2
+    from wandb.sdk.internal import datastore
 
-    from rayllm import tune
     from rayllm.eval.stage import run as evaluate
     from rayllm.train.stage import run as train
 
     raw = prepped.dump()
     raw["run_dir"] = str(tmp_path / "run")
     raw["train"]["data_dir"] = str(Path(prepped.run_dir) / "prep")
-    raw["tracking"] = {"mlflow": {"uri": mlflow_server, "experiment": "ci"}}
+    raw["tracking"] = {
+        "mlflow": {"uri": mlflow_server, "experiment": "ci"},
+        "wandb": {"project": "ci", "mode": "offline"},
+    }
     cfg = RunConfig.model_validate(raw)
     summary = train(cfg)
     evaluate(cfg)
+    rows = read_jsonl(tmp_path / "run" / "train" / "metrics.jsonl")
+    logged = {r["step"]: r["loss"] for r in rows if "loss" in r}
+    assert sorted(logged) == [1, *range(2, cfg.train.max_steps + 1, cfg.train.log_every)]  # every logged step
 
     client = MlflowClient(mlflow_server)
-    experiment = client.get_experiment_by_name("ci")
     ids = json.loads((tmp_path / "run" / "tracking.json").read_text())
     run = client.get_run(ids["mlflow:train"])
     assert run.info.status == "FINISHED"
     assert run.data.params["train.optimizer.lr"] == str(cfg.train.optimizer.lr)
     assert run.data.params["model.n_layer"] == "2"
     assert run.data.tags["export_dir"] == summary["export_dir"]
-    logged = {
-        r["step"]: r["loss"] for r in read_jsonl(tmp_path / "run" / "train" / "metrics.jsonl") if "loss" in r
-    }
-    assert _history(client, run.info.run_id, "loss") == pytest.approx(logged)
-    assert sorted(logged) == [1, *range(2, cfg.train.max_steps + 1, cfg.train.log_every)]  # every logged step
-    validated = {
-        r["step"]: r["val_loss"]
-        for r in read_jsonl(tmp_path / "run" / "train" / "metrics.jsonl")
-        if "val_loss" in r
-    }
+    assert mlflow_history(client, run.info.run_id, "loss") == pytest.approx(logged)
+    validated = {r["step"]: r["val_loss"] for r in rows if "val_loss" in r}
     assert sorted(validated) == [0, 6, 12]
-    assert _history(client, run.info.run_id, "val_loss") == pytest.approx(validated)
+    assert mlflow_history(client, run.info.run_id, "val_loss") == pytest.approx(validated)
     eval_summary = json.loads((tmp_path / "run" / "eval" / "summary.json").read_text())
-    assert _history(client, run.info.run_id, "eval/loss") == {12: pytest.approx(eval_summary["loss"])}
+    assert mlflow_history(client, run.info.run_id, "eval/loss") == {12: pytest.approx(eval_summary["loss"])}
 
-    tune_config = tune_cfg(
-        prepped, tmp_path / "search", {"train.optimizer.lr": [3e-3, 3e-5]}, reduction_factor=8
-    )
-    tune_config = RunConfig.model_validate({**tune_config.dump(), "tracking": raw["tracking"]})
-    searched = tune.run(tune_config)
-    parent = json.loads((tmp_path / "search" / "tracking.json").read_text())["mlflow:tune"]
-    trials = client.search_runs(
-        [experiment.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'"
-    )
-    assert len(trials) == 2
-    by_trial = {r.data.tags["trial"]: r for r in trials}
-    assert set(by_trial) == {t["trial_id"] for t in searched["all"]}
-    for t in searched["all"]:
-        r = by_trial[t["trial_id"]]
-        assert float(r.data.params["train.optimizer.lr"]) == t["params"]["train.optimizer.lr"]
-        rows = read_jsonl(tmp_path / "search" / "tune" / "trials" / t["trial_id"] / "train" / "metrics.jsonl")
-        assert _history(client, r.info.run_id, "val_loss") == pytest.approx(
-            {x["step"]: x["val_loss"] for x in rows if "val_loss" in x}
-        )
-        assert (r.data.tags.get("best") == "true") == (t["trial_id"] == searched["best_trial"])
-    assert client.get_run(parent).data.tags["best_trial"] == searched["best_trial"]
+    # W&B offline writes a folder per process; eval's, attached to train's run, has the same run id.
+    run_id = ids["wandb:train"]
+    files = sorted((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert [f.name for f in files] == [f"run-{run_id}.wandb"] * 2, files
+    history: dict[int, float] = {}
+    scores: dict[str, float] = {}
+    config: dict[str, str] = {}
+    for file in files:
+        store = datastore.DataStore()
+        store.open_for_scan(str(file))
+        while (data := store.scan_data()) is not None:
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(data)
+            if record.WhichOneof("record_type") == "history":
+                item = record.history.item
+                items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in item}
+                if "loss" in items:
+                    history[int(items["step"])] = items["loss"]
+                scores.update({k: v for k, v in items.items() if k.startswith("eval/")})
+            elif record.WhichOneof("record_type") == "config":
+                config.update({i.key: json.loads(i.value_json) for i in record.config.update})
+    assert history == pytest.approx(logged)
+    assert scores["eval/loss"] == pytest.approx(eval_summary["loss"])
+    assert config["train.optimizer.lr"] == raw["train"]["optimizer"]["lr"]
 
 
 @pytest.mark.parametrize("tracker", ["mlflow", "wandb"])
 def test_an_unreachable_tracker_is_one_line_and_exit_2(prepped, tmp_path, tracker):
     """Before Ray starts: what to fix, exit 2; nothing trains. MLflow: a URI nothing listens on; W&B
     online without an API key (no $WANDB_API_KEY, no ~/.netrc), which would otherwise prompt."""
-    port = _free_port()
+    port = free_port()
     setting = (
         f"tracking.mlflow.uri=http://127.0.0.1:{port}" if tracker == "mlflow" else "tracking.wandb.project=ci"
     )
@@ -151,43 +108,6 @@ def test_an_unreachable_tracker_is_one_line_and_exit_2(prepped, tmp_path, tracke
     )
     assert len(lines) == 1 and expected in lines[0], lines
     assert not (tmp_path / "run" / "train" / "metrics.jsonl").exists()
-
-
-def test_wandb_offline_run_holds_the_metric_history(ray_cluster, prepped, tmp_path):
-    """W&B offline: the run folder it writes, read back with wandb's own reader, holds every
-    logged step's loss at its step and the config."""
-    pytest.importorskip("wandb")
-    from wandb.proto import wandb_internal_pb2
-    from wandb.sdk.internal import datastore
-
-    from rayllm.train.stage import run as train
-
-    raw = prepped.dump()
-    raw["run_dir"] = str(tmp_path / "run")
-    raw["train"]["data_dir"] = str(Path(prepped.run_dir) / "prep")
-    raw["tracking"] = {"wandb": {"project": "ci", "mode": "offline"}}
-    train(RunConfig.model_validate(raw))
-
-    files = list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
-    assert len(files) == 1, files
-    store = datastore.DataStore()
-    store.open_for_scan(str(files[0]))
-    history: dict[int, float] = {}
-    config: dict[str, str] = {}
-    while (data := store.scan_data()) is not None:
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(data)
-        if record.WhichOneof("record_type") == "history":
-            items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
-            if "loss" in items:
-                history[int(items["step"])] = items["loss"]
-        elif record.WhichOneof("record_type") == "config":
-            config.update({i.key: json.loads(i.value_json) for i in record.config.update})
-    logged = {
-        r["step"]: r["loss"] for r in read_jsonl(tmp_path / "run" / "train" / "metrics.jsonl") if "loss" in r
-    }
-    assert history == pytest.approx(logged)
-    assert config["train.optimizer.lr"] == raw["train"]["optimizer"]["lr"]
 
 
 def test_a_pipeline_run_is_the_parent_of_its_stages_runs(tmp_path, mlflow_server):

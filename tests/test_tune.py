@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import mlflow_history
 
 from rayllm.config import RunConfig, load_config
 from rayllm.errors import ConfigError
@@ -31,10 +32,13 @@ def tune_cfg(prepped: RunConfig, run_dir: Path, space: dict, **tune) -> RunConfi
     return RunConfig.model_validate(raw)
 
 
-def test_grid_asha_resume_and_best_config(ray_cluster, prepped, tmp_path):
+def test_grid_asha_resume_tracking_and_best_config(ray_cluster, prepped, tmp_path, mlflow_server):
     """A plain list is a grid (2 trials, not 1 sample); ASHA leaves the weak one at the first rung and
     trains the best on, rung by rung, from its checkpoints; a search killed after its first rung run resumes
-    without re-running it; best.yaml reproduces the best trial."""
+    without re-running it; the search logs each trial to MLflow as a run nested under its own, the
+    best tagged; best.yaml reproduces the best trial."""
+    from mlflow import MlflowClient
+
     from rayllm.train.stage import run as train
 
     # One rung run at a time (tune.seed 0 keeps this grid's order: 3e-3 first, then the weak 3e-5).
@@ -42,6 +46,8 @@ def test_grid_asha_resume_and_best_config(ray_cluster, prepped, tmp_path):
     cfg = tune_cfg(
         prepped, tmp_path, {"train.optimizer.lr": [3e-3, 3e-5]}, max_concurrent=1, reduction_factor=8
     )
+    tracking = {"mlflow": {"uri": mlflow_server, "experiment": "search"}}
+    cfg = RunConfig.model_validate({**cfg.dump(), "tracking": tracking})
     config = tmp_path / "tune.yaml"
     config.write_text(yaml.safe_dump(cfg.public()))
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
@@ -96,6 +102,25 @@ def test_grid_asha_resume_and_best_config(ray_cluster, prepped, tmp_path):
     assert Path(s["best_export"], "model.safetensors").is_file()
     rows = [json.loads(x) for x in (tmp_path / "tune" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all("val_loss" in r for r in rows)
+
+    # MLflow: the resumed search's run, one nested run per trial with its settings and its metrics
+    # file's val_loss at each step (the killed search's first rung run included), the best tagged.
+    client = MlflowClient(mlflow_server)
+    parent = json.loads((tmp_path / "tracking.json").read_text())["mlflow:tune"]
+    experiment = client.get_experiment_by_name("search").experiment_id
+    nested = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    by_trial = {r.data.tags["trial"]: r for r in nested}
+    assert sorted(by_trial) == ["trial_000", "trial_001"] and len(nested) == 2
+    for t in s["all"]:
+        r = by_trial[t["trial_id"]]
+        assert float(r.data.params["train.optimizer.lr"]) == t["params"]["train.optimizer.lr"]
+        trial_run = RunConfig(run_dir=str(tmp_path / "tune" / "trials" / t["trial_id"]))
+        rows = RunDir.of(trial_run).read_metrics("train")
+        assert mlflow_history(client, r.info.run_id, "val_loss") == pytest.approx(
+            {x["step"]: x["val_loss"] for x in rows if "val_loss" in x}
+        )
+        assert (r.data.tags.get("best") == "true") == (t["trial_id"] == s["best_trial"])
+    assert client.get_run(parent).data.tags["best_trial"] == s["best_trial"]
 
     # `rayllm train -c tune/best.yaml` runs the best settings as they are.
     best = load_config([s["best_config"]], [f"train.max_steps={s['best_steps']}", "train.export=false"])
