@@ -80,12 +80,17 @@ def test_loss_decreases_for_each_zero_stage(ray_cluster, prepped, tmp_path, deep
         assert len(list(ckpt.glob("*zero_pp_rank_*optim_states.pt"))) == 2
 
 
-def test_zero3_export_round_trip(ray_cluster, prepped, tmp_path):
+def test_zero3_export_round_trip_and_a_corrupt_checkpoint(ray_cluster, prepped, tmp_path):
     """ZeRO-3 with the optimizer and the parameters offloaded trains on 2 workers, checkpoints every
     rank's shard, and exports a folder that loads with plain transformers and reproduces the
-    reported val loss."""
+    reported val loss. Then a bit flip in the newest checkpoint: the resume skips it (saying which
+    one and why) and continues from the checkpoint before it, also when that newest one had finished
+    the run; export refuses the corrupt one."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from rayllm.rundir import RunDir
+    from rayllm.train.checkpoint import registered
+    from rayllm.train.export import export_checkpoint
     from rayllm.train.stage import run as fit
 
     deepspeed = {"zero_stage": 3, "offload_optimizer": True, "offload_params": True}
@@ -112,6 +117,23 @@ def test_zero3_export_round_trip(ray_cluster, prepped, tmp_path):
         logits = model(input_ids=x[:, :-1]).logits
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1))
     assert loss.item() == pytest.approx(s["val_loss_last"], rel=1e-4)
+
+    newest, previous = registered(RunDir.of(cfg).storage)[:2]
+    assert newest.path == s["checkpoint"]
+    shard = sorted(Path(newest.path, "ckpt").glob("*optim_states.pt"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(RunDirError, match=r"corrupt checkpoint .*optim_states\.pt"):
+        export_checkpoint(Path(newest.path), tmp_path / "export", None)
+    # The same step count again: the corrupt checkpoint is not taken as the run's finished one.
+    again = fit(cfg.model_copy(update={"train": cfg.train.model_copy(update={"export": False})}))
+    assert again["steps"] == 12 and again["checkpoint"] != newest.path
+    events = [r for r in metrics(tmp_path) if r.get("event")]
+    skipped = [r for r in events if r["event"] == "checkpoint_skipped"]
+    assert len(skipped) == 1 and Path(newest.path).name in skipped[0]["reason"]
+    assert [r["step"] for r in events if r["event"] == "resume"] == [6]  # the previous checkpoint's step
+    assert Path(previous.path).name < Path(newest.path).name
 
 
 @pytest.mark.slow
@@ -352,35 +374,6 @@ def test_bad_configuration_fails_before_workers(prepped, tmp_path):
         fit(RunConfig.model_validate(raw))
     with pytest.raises(RunDirError, match=r"manifest\.json not found"):
         fit(tiny_config(tmp_path / "empty", tmp_path))
-
-
-def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(ray_cluster, prepped, tmp_path):
-    """A bit flip in the newest checkpoint: the resume skips it (saying which one and why) and
-    continues from the checkpoint before it, also when that newest one had finished the run; export
-    refuses the corrupt one."""
-    from rayllm.rundir import RunDir
-    from rayllm.train.checkpoint import registered
-    from rayllm.train.export import export_checkpoint
-    from rayllm.train.stage import run as fit
-
-    run = tmp_path / "run"
-    cfg = run_cfg(prepped, run, max_steps=12, export=False)
-    fit(cfg)
-    newest, previous = registered(RunDir.of(cfg).storage)[:2]
-    shard = sorted(Path(newest.path, "ckpt").glob("*optim_states.pt"))[0]
-    data = bytearray(shard.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    shard.write_bytes(bytes(data))
-    with pytest.raises(RunDirError, match=r"corrupt checkpoint .*optim_states\.pt"):
-        export_checkpoint(Path(newest.path), tmp_path / "export", None)
-    # The same step count again: the corrupt checkpoint is not taken as the run's finished one.
-    s = fit(run_cfg(prepped, run, max_steps=12, export=False))
-    assert s["steps"] == 12 and s["checkpoint"] != newest.path
-    events = [r for r in metrics(run) if r.get("event")]
-    skipped = [r for r in events if r["event"] == "checkpoint_skipped"]
-    assert len(skipped) == 1 and Path(newest.path).name in skipped[0]["reason"]
-    assert [r["step"] for r in events if r["event"] == "resume"] == [6]  # the previous checkpoint's step
-    assert Path(previous.path).name < Path(newest.path).name
 
 
 @pytest.mark.slow
