@@ -384,16 +384,22 @@ def test_eval_cli_scores_a_task_and_names_a_bad_line(ray_cluster, tmp_path: Path
     assert len({a for p in sampled for a in p["predictions"]}) > 3  # temperature 1: not one answer repeated
     assert set(summary["tasks"]["code"]) == {"kind", "examples", "pass@1", "pass@3"}
 
+    # The input errors, in process (typer's runner: the same code path after the interpreter starts;
+    # test_errors runs user errors as processes).
+    from typer.testing import CliRunner
+
+    from rayllm.cli import app
+
     qa.write_text(qa.read_text(encoding="utf-8") + "{not json\n", encoding="utf-8")
-    bad = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2
-    assert f"{qa}:4: malformed JSON" in " ".join(bad.stderr.split()), bad.stdout + bad.stderr
+    bad = CliRunner().invoke(app, cmd[3:])
+    assert bad.exit_code == 2, bad.output
+    assert f"{qa}:4: malformed JSON" in " ".join(bad.stderr.split()), bad.output
 
     # A prompt the model's context (128 positions) cannot hold: one line naming the task and example.
     qa.write_text(json.dumps({"prompt": "word " * 300, "completion": "x"}) + "\n", encoding="utf-8")
-    long = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    long = CliRunner().invoke(app, cmd[3:])
     lines = [x for x in long.stderr.splitlines() if x.strip()]
-    assert long.returncode == 2, long.stderr[-3000:]
+    assert long.exit_code == 2, long.output[-3000:]
     assert len(lines) == 1 and "eval.tasks[qa].file: example 1 is" in lines[0], lines
     assert "the model's context is 128" in lines[0]
 

@@ -343,7 +343,7 @@ def test_a_resume_reads_the_split_from_its_position_not_from_the_start(ray_clust
     class Holder:  # holds every CPU, as training workers may
         pass
 
-    hold = ray.remote(num_cpus=ray.available_resources()["CPU"])(Holder).remote()
+    hold = ray.remote(num_cpus=ray.cluster_resources()["CPU"])(Holder).remote()  # once they are free
     try:
         ray.get(hold.__ray_ready__.remote(), timeout=60)
         for start in (0, 1, 1023, 1024, 1500, 2499, 2500, 2550, 2600, 5900, 5999):

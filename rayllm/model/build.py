@@ -20,10 +20,11 @@ def _pad_vocab(n: int, multiple: int = 64) -> int:
 
 
 def model_config(cfg: ModelConfig, vocab_size: int, eos_id: int, pad_id: int) -> Any:
-    """The transformers config object for ``cfg`` (from its folder when ``cfg.path`` is set)."""
-    from transformers import AutoConfig, GPT2Config, LlamaConfig
-
+    """The transformers config object for ``cfg`` (from its folder when ``cfg.path`` is set). Each
+    branch imports its own config class: every training process pays for what it imports."""
     if cfg.path:
+        from transformers import AutoConfig
+
         if not os.path.isfile(os.path.join(cfg.path, "config.json")):
             raise ConfigError(
                 f"model.path: {cfg.path} is not a Hugging Face model folder (no config.json in it); "
@@ -41,6 +42,8 @@ def model_config(cfg: ModelConfig, vocab_size: int, eos_id: int, pad_id: int) ->
         return hf
     vocab = _pad_vocab(vocab_size)
     if cfg.family == "gpt2":
+        from transformers import GPT2Config
+
         return GPT2Config(
             vocab_size=vocab,
             n_positions=cfg.max_positions,
@@ -58,6 +61,8 @@ def model_config(cfg: ModelConfig, vocab_size: int, eos_id: int, pad_id: int) ->
             # GPT-2's own GELU (gelu_new) is the same tanh formula in six eager ops; this is one kernel.
             activation_function="gelu_pytorch_tanh" if cfg.activation == "default" else cfg.activation,
         )
+    from transformers import LlamaConfig
+
     return LlamaConfig(
         vocab_size=vocab,
         hidden_size=cfg.d_model,
