@@ -137,7 +137,7 @@ class Ingress(OpenAiIngress):
 class LocalModel(CallbackBase):
     """Skips Ray Serve LLM's node initialization: a Ray task per node that downloads a hub or bucket
     model. rayllm serves a local folder, checked before Ray starts, so the task had nothing to fetch
-    and cost a worker process and its imports (7 s of a replica's start on 2 cores)."""
+    and cost every replica start a worker process and its imports (docs/serving.md)."""
 
     async def on_before_node_init(self) -> None:
         import torch
