@@ -15,6 +15,7 @@ time to first token per server, ``ratio`` (ours / offline vLLM tokens/s) and ``t
 
     python bench/bench_serve.py                       # a small random GPT-2-shaped model, a few minutes
     python bench/bench_serve.py --model-dir runs/x/train/export
+    python bench/bench_serve.py --isolate             # Ray's own processes kept off the engine's core
 
 It starts a local Ray: run it when no other Ray runs on the machine.
 """
@@ -327,6 +328,9 @@ def bench_ours(model_dir: str, run_dir: str, args: argparse.Namespace) -> dict[s
             },
         }
     )
+    affinity = os.sched_getaffinity(0)
+    if args.isolate:  # inherited by every process Ray starts from here; vLLM binds its threads itself
+        os.sched_setaffinity(0, set(range((os.cpu_count() or 1) - args.threads)))
     try:
         t0 = time.perf_counter()
         url = rayllm_serve.start(cfg)
@@ -340,6 +344,7 @@ def bench_ours(model_dir: str, run_dir: str, args: argparse.Namespace) -> dict[s
             rayllm_serve.shutdown()
         finally:
             ray.shutdown()
+            os.sched_setaffinity(0, affinity)
 
 
 def cores(threads: int) -> str:
@@ -404,10 +409,18 @@ def main() -> None:
     p.add_argument("--time-limit", type=float, default=120.0, help="seconds of load per server")
     p.add_argument("--malformed", type=int, default=200, help="bad requests mixed into each server's load")
     p.add_argument("--threads", type=int, default=1, help="torch threads (and CPUs) per server")
+    p.add_argument(
+        "--isolate",
+        action="store_true",
+        help="keep Ray's processes (Serve's proxy, ingress and replica) and the load off the engine's "
+        "cores, as the replica's CPU bundle intends; on 2 cores they otherwise share the engine's core",
+    )
     p.add_argument("--naive-server", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--offline", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.isolate and args.threads >= (os.cpu_count() or 1):
+        p.error(f"--isolate needs more cores than --threads={args.threads} ({os.cpu_count()} here)")
     if args.naive_server:
         naive_server(args.model_dir, args.port, args.threads)
         return
@@ -434,6 +447,7 @@ def main() -> None:
         "clients": args.clients,
         "max_tokens": args.max_tokens,
         "threads_per_server": args.threads,
+        "isolated": args.isolate,
         "ours": ours,
         "offline_vllm": ceiling,
         "naive": naive,
