@@ -29,7 +29,6 @@ from rayllm.errors import ConfigError
 from rayllm.model.build import context_length
 from rayllm.model.chat import FALLBACK_CHAT_STOP, FALLBACK_CHAT_TEMPLATE
 from rayllm.model.engine import vllm_bundles, vllm_engine_kwargs
-from rayllm.rundir import model_folder
 from rayllm.runtime import worker_env
 from rayllm.serve import http
 from rayllm.serve.preflight import KEYS_FILE_ENV, api_keys, check_exposure, model_name, resolve_model_dir
@@ -201,15 +200,13 @@ def llm_config(serve_cfg: ServeConfig, model_dir: str, name: str, fallback_chat:
     )
 
 
-def build_app(serve_cfg: ServeConfig, model_dir: str) -> Application:
-    """The Serve application for ``model_dir`` with replicas, resources and limits from ``serve_cfg``."""
+def build_app(serve_cfg: ServeConfig, model_dir: str, keys: list[str]) -> Application:
+    """The Serve application for ``model_dir`` with replicas, resources and limits from ``serve_cfg``;
+    ``model_dir`` and ``keys`` as ``preflight`` resolved and checked them."""
     # Ray's documented way to build its ingress over a custom FastAPI app needs the model card it
     # builds from the LLMConfig; that helper is not exported under ray.serve.llm.
     from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
 
-    model_dir = model_folder(Path(model_dir).expanduser(), f"model_dir={model_dir}", "serve.model_dir")
-    keys = api_keys(serve_cfg)
-    check_exposure(serve_cfg, keys)
     s = serve_cfg
     name = model_name(s, model_dir)
     fallback_chat = _fallback_chat(model_dir)
@@ -261,10 +258,13 @@ def app_builder(args: dict[str, Any]) -> Application:
         node[leaf] = value
     run_dir = raw.pop("run_dir", None)
     cfg = validate_config({"serve": raw}, origin="serve application args").serve
-    if "host" not in raw and not cfg.allow_unauthenticated and not api_keys(cfg):
+    keys = api_keys(cfg)
+    if "host" not in raw and not cfg.allow_unauthenticated and not keys:
         raise ConfigError(
             "serve application args: the address comes from Serve's http_options, which the application "
             "cannot see: set api_keys_file (or $" + KEYS_FILE_ENV + "), or host: 127.0.0.1 when "
             "http_options.host is loopback, or allow_unauthenticated: true"
         )
-    return build_app(cfg, resolve_model_dir(cfg, run_dir))
+    model_dir = resolve_model_dir(cfg, run_dir)
+    check_exposure(cfg, keys)
+    return build_app(cfg, model_dir, keys)

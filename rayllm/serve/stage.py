@@ -62,7 +62,7 @@ def start(cfg: RunConfig) -> str:
     url = f"http://{client_host}:{s.port}"
     try:
         try:
-            ray_serve.run(build_app(s, model_dir), name=APP_NAME, route_prefix="/", blocking=False)
+            ray_serve.run(build_app(s, model_dir, keys), name=APP_NAME, route_prefix="/", blocking=False)
         except RuntimeError as e:  # Serve says only "failed to update the deployments"; say why
             failure = _deploy_failure()
             if failure is None:
