@@ -27,6 +27,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports: the sockets are held together, so none is handed out twice (one at
+    a time, the kernel once gave the dashboard and the client server the same port)."""
+    with contextlib.ExitStack() as held:
+        sockets = [held.enter_context(socket.socket()) for _ in range(n)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+
+
 def _wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -86,16 +96,16 @@ def ray_head(ray_tmpdir: Path | None = None, **auth: str) -> Iterator[str]:
     processes whose ``RAY_TMPDIR`` is that folder (and for no one else on this machine).
     """
     tmp = ray_tmpdir or Path(tempfile.mkdtemp(prefix="rl-", dir="/tmp"))
-    dash = free_port()
+    gcs, dash, client, agent = free_ports(4)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH_"))}
     env.update(auth, PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
     if ray_tmpdir is not None:
         env["RAY_TMPDIR"] = str(tmp)
     cmd = [
-        str(BIN / "ray"), "start", "--head", "--block", f"--port={free_port()}",
+        str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}",
         "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
         "--include-dashboard=true", "--num-cpus=2", "--object-store-memory=200000000",
-        f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+        f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
         *([] if ray_tmpdir else [f"--temp-dir={tmp}"]),
     ]  # fmt: skip
     log = tmp / "head.log"
