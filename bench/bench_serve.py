@@ -16,6 +16,7 @@ time to first token per server, ``ratio`` (ours / offline vLLM tokens/s) and ``t
     python bench/bench_serve.py                       # a small random GPT-2-shaped model, a few minutes
     python bench/bench_serve.py --model-dir runs/x/train/export
     python bench/bench_serve.py --isolate             # Ray's own processes kept off the engine's core
+    python bench/bench_serve.py --app ray-openai-direct  # Ray Serve LLM's own app, direct streaming
 
 It starts a local Ray: run it when no other Ray runs on the machine.
 """
@@ -26,6 +27,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -207,6 +209,7 @@ async def run_load(url: str, args: argparse.Namespace) -> dict[str, Any]:
                     "ignore_eos": True,
                     "stream": True,
                     "stream_options": {"include_usage": True},
+                    **({"model": args.model} if args.model else {}),
                 }
                 try:
                     results.append(await one_request(c, body))
@@ -262,9 +265,10 @@ def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 120
     raise RuntimeError(f"naive server at {url} not healthy after {timeout_s:.0f} s")
 
 
-async def warm_up(url: str, max_tokens: int) -> None:
+async def warm_up(url: str, max_tokens: int, model: str | None = None) -> None:
     async with httpx.AsyncClient(base_url=url, timeout=120, trust_env=False) as c:
         body = {"prompt": PROMPTS[0], "max_tokens": max_tokens, "stream": True, "ignore_eos": True}
+        body.update({"model": model} if model else {})
         await one_request(c, {**body, "stream_options": {"include_usage": True}})
 
 
@@ -305,7 +309,39 @@ def replica_rss_mb() -> float:
     return sum(p.memory_info().rss for p in procs) / 2**20
 
 
+def ray_openai_app(cfg: Any, model_dir: str) -> str:
+    """Ray Serve LLM's own ``build_openai_app`` over the LLMConfig rayllm builds (no rayllm ingress):
+    what the serving path costs without rayllm's layer; returns the base URL once it answers."""
+    from ray import serve
+    from ray.serve.llm import build_openai_app
+
+    from rayllm.runtime import init_ray
+    from rayllm.serve.deployment import _fallback_chat, llm_config
+    from rayllm.serve.preflight import model_name
+
+    init_ray(cfg.cluster)
+    serve.start(http_options={"host": "127.0.0.1", "port": cfg.serve.port})
+    name = model_name(cfg.serve, model_dir)
+    config = llm_config(cfg.serve, model_dir, name, _fallback_chat(model_dir))
+    app = build_openai_app({"llm_configs": [config]})
+    serve.run(app, name="ray-openai", route_prefix="/", blocking=False)
+    url = f"http://127.0.0.1:{cfg.serve.port}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        try:
+            body = {"model": name, "prompt": "Hi", "max_tokens": 2}
+            if httpx.post(f"{url}/v1/completions", json=body, timeout=10, trust_env=False).status_code == 200:
+                return url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"Ray Serve LLM's app at {url} did not answer within 600 s")
+
+
 def bench_ours(model_dir: str, run_dir: str, args: argparse.Namespace) -> dict[str, Any]:
+    # Serve reads these as it is imported, in this process and (inherited) in Ray's: set them first.
+    if args.app == "ray-openai-direct":
+        os.environ.update(RAY_SERVE_ENABLE_HA_PROXY="1", RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING="1")
     import ray
 
     from rayllm.config import RunConfig
@@ -333,10 +369,12 @@ def bench_ours(model_dir: str, run_dir: str, args: argparse.Namespace) -> dict[s
         os.sched_setaffinity(0, set(range((os.cpu_count() or 1) - args.threads)))
     try:
         t0 = time.perf_counter()
-        url = rayllm_serve.start(cfg)
+        url = rayllm_serve.start(cfg) if args.app == "rayllm" else ray_openai_app(cfg, model_dir)
         start_s = time.perf_counter() - t0
-        asyncio.run(warm_up(url, 4))
-        log(f"rayllm serve up on {url} in {start_s:.1f} s; loading it")
+        if args.app != "rayllm":  # Ray's own app wants the model named in every request
+            args.model = Path(model_dir).name
+        asyncio.run(warm_up(url, 4, args.model))
+        log(f"{args.app} up on {url} in {start_s:.1f} s; loading it")
         figures = asyncio.run(run_load(url, args))
         return {**figures, "start_s": round(start_s, 1), "replica_rss_mb": round(replica_rss_mb(), 1)}
     finally:
@@ -415,10 +453,21 @@ def main() -> None:
         help="keep Ray's processes (Serve's proxy, ingress and replica) and the load off the engine's "
         "cores, as the replica's CPU bundle intends; on 2 cores they otherwise share the engine's core",
     )
+    p.add_argument(
+        "--app",
+        choices=("rayllm", "ray-openai", "ray-openai-direct"),
+        default="rayllm",
+        help="what serves in place of `rayllm serve`: Ray Serve LLM's own build_openai_app over the same "
+        "LLMConfig (ray-openai), or that with direct streaming (ray-openai-direct: the replica serves "
+        "HTTP itself behind HAProxy, which must be installed), to see what each serving path costs",
+    )
     p.add_argument("--naive-server", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--offline", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
+    args.model = None  # the model name the load sends; only Ray's own app asks for it
+    if args.app == "ray-openai-direct" and not shutil.which("haproxy"):
+        p.error("--app ray-openai-direct: Ray Serve's direct streaming needs HAProxy (apt install haproxy)")
     if args.isolate and args.threads >= (os.cpu_count() or 1):
         p.error(f"--isolate needs more cores than --threads={args.threads} ({os.cpu_count()} here)")
     if args.naive_server:
@@ -448,6 +497,7 @@ def main() -> None:
         "max_tokens": args.max_tokens,
         "threads_per_server": args.threads,
         "isolated": args.isolate,
+        "app": args.app,
         "ours": ours,
         "offline_vllm": ceiling,
         "naive": naive,
