@@ -346,6 +346,7 @@ def bench_ours(model_dir: str, run_dir: str, args: argparse.Namespace) -> dict[s
 
     from rayllm.config import RunConfig
     from rayllm.serve import stage as rayllm_serve
+    from rayllm.serve.preflight import model_name
 
     cfg = RunConfig.model_validate(
         {
@@ -372,7 +373,7 @@ def bench_ours(model_dir: str, run_dir: str, args: argparse.Namespace) -> dict[s
         url = rayllm_serve.start(cfg) if args.app == "rayllm" else ray_openai_app(cfg, model_dir)
         start_s = time.perf_counter() - t0
         if args.app != "rayllm":  # Ray's own app wants the model named in every request
-            args.model = Path(model_dir).name
+            args.model = model_name(cfg.serve, model_dir)
         asyncio.run(warm_up(url, 4, args.model))
         log(f"{args.app} up on {url} in {start_s:.1f} s; loading it")
         figures = asyncio.run(run_load(url, args))
