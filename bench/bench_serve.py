@@ -309,9 +309,10 @@ def replica_rss_mb() -> float:
     return sum(p.memory_info().rss for p in procs) / 2**20
 
 
-def ray_openai_app(cfg: Any, model_dir: str) -> str:
+def ray_openai_app(cfg: Any, model_dir: str) -> tuple[str, str]:
     """Ray Serve LLM's own ``build_openai_app`` over the LLMConfig rayllm builds (no rayllm ingress):
-    what the serving path costs without rayllm's layer; returns the base URL once it answers."""
+    what the serving path costs without rayllm's layer. Returns the base URL, once it answers, and
+    the model name that every request to it has to carry."""
     from ray import serve
     from ray.serve.llm import build_openai_app
 
@@ -331,7 +332,7 @@ def ray_openai_app(cfg: Any, model_dir: str) -> str:
         try:
             body = {"model": name, "prompt": "Hi", "max_tokens": 2}
             if httpx.post(f"{url}/v1/completions", json=body, timeout=10, trust_env=False).status_code == 200:
-                return url
+                return url, name
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
@@ -346,7 +347,6 @@ def bench_ours(model_dir: str, run_dir: str, args: argparse.Namespace) -> dict[s
 
     from rayllm.config import RunConfig
     from rayllm.serve import stage as rayllm_serve
-    from rayllm.serve.preflight import model_name
 
     cfg = RunConfig.model_validate(
         {
@@ -370,10 +370,11 @@ def bench_ours(model_dir: str, run_dir: str, args: argparse.Namespace) -> dict[s
         os.sched_setaffinity(0, set(range((os.cpu_count() or 1) - args.threads)))
     try:
         t0 = time.perf_counter()
-        url = rayllm_serve.start(cfg) if args.app == "rayllm" else ray_openai_app(cfg, model_dir)
+        if args.app == "rayllm":
+            url = rayllm_serve.start(cfg)
+        else:
+            url, args.model = ray_openai_app(cfg, model_dir)
         start_s = time.perf_counter() - t0
-        if args.app != "rayllm":  # Ray's own app wants the model named in every request
-            args.model = model_name(cfg.serve, model_dir)
         asyncio.run(warm_up(url, 4, args.model))
         log(f"{args.app} up on {url} in {start_s:.1f} s; loading it")
         figures = asyncio.run(run_load(url, args))
@@ -466,7 +467,7 @@ def main() -> None:
     p.add_argument("--offline", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
-    args.model = None  # the model name the load sends; only Ray's own app asks for it
+    args.model = None  # the model name the load sends; only Ray's own app asks for it (bench_ours sets it)
     if args.app == "ray-openai-direct" and not shutil.which("haproxy"):
         p.error("--app ray-openai-direct: Ray Serve's direct streaming needs HAProxy (apt install haproxy)")
     if args.isolate and args.threads >= (os.cpu_count() or 1):
