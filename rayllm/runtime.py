@@ -33,6 +33,12 @@ DEFAULT_ENV = {
     # Ray Train registers a checkpoint when its controller next polls the workers (default every 2 s):
     # a worker that freezes in between loses that checkpoint, so poll more often.
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1",
+    # Serve routes HTTP with HAProxy straight to the replica that serves it (the serve stage's vLLM
+    # replica is its own ingress), not through its Python proxy: one process fewer per streamed token.
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    # A stopping replica serves on this long so HAProxy can drop it first (Serve's default is 30 s);
+    # HAProxy retries a refused connection on another replica, and reloads well within it.
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
 }
 
 
