@@ -16,7 +16,7 @@ time to first token per server, ``ratio`` (ours / offline vLLM tokens/s) and ``t
     python bench/bench_serve.py                       # a small random GPT-2-shaped model, a few minutes
     python bench/bench_serve.py --model-dir runs/x/train/export
     python bench/bench_serve.py --isolate             # Ray's own processes kept off the engine's core
-    python bench/bench_serve.py --app ray-openai-direct  # Ray Serve LLM's own app, direct streaming
+    python bench/bench_serve.py --app ray-openai-direct  # Ray Serve LLM's own app, without rayllm's layer
 
 It starts a local Ray: run it when no other Ray runs on the machine.
 """
@@ -27,7 +27,7 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
+import re
 import socket
 import statistics
 import subprocess
@@ -296,21 +296,22 @@ def bench_naive(model_dir: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def replica_rss_mb() -> float:
     """Resident memory of the vLLM replicas: each Serve replica process (Ray titles it
-    ``ray::ServeReplica:<app>:LLMServer...``) and vLLM's engine-core child under it. Found by title,
-    so it works without Ray's dashboard (the state API needs it)."""
+    ``ray::ServeReplica:<app>:RayllmServer...``, or ``...:LLMServer...`` in Ray's own app) and vLLM's
+    engine-core child under it. Found by title, so it works without Ray's dashboard (the state API
+    needs it)."""
     import psutil
 
     procs = [
         p
         for p in psutil.process_iter(["cmdline"])
-        if "ServeReplica:" in " ".join(p.info["cmdline"] or []) and "LLMServer" in " ".join(p.info["cmdline"])
+        if re.search(r"ServeReplica:[^:]+:\w*Server:", " ".join(p.info["cmdline"] or []))
     ]
     procs += [c for p in procs for c in p.children(recursive=True)]
     return sum(p.memory_info().rss for p in procs) / 2**20
 
 
 def ray_openai_app(cfg: Any, model_dir: str) -> tuple[str, str]:
-    """Ray Serve LLM's own ``build_openai_app`` over the LLMConfig rayllm builds (no rayllm ingress):
+    """Ray Serve LLM's own ``build_openai_app`` over the LLMConfig rayllm builds (no rayllm layer):
     what the serving path costs without rayllm's layer. Returns the base URL, once it answers, and
     the model name that every request to it has to carry."""
     from ray import serve
@@ -340,9 +341,9 @@ def ray_openai_app(cfg: Any, model_dir: str) -> tuple[str, str]:
 
 
 def bench_ours(model_dir: str, run_dir: str, args: argparse.Namespace) -> dict[str, Any]:
-    # Serve reads these as it is imported, in this process and (inherited) in Ray's: set them first.
+    # Ray Serve LLM reads this as it is imported: set it first.
     if args.app == "ray-openai-direct":
-        os.environ.update(RAY_SERVE_ENABLE_HA_PROXY="1", RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING="1")
+        os.environ["RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING"] = "1"
     import ray
 
     from rayllm.config import RunConfig
@@ -452,7 +453,7 @@ def main() -> None:
     p.add_argument(
         "--isolate",
         action="store_true",
-        help="keep Ray's processes (Serve's proxy, ingress and replica) and the load off the engine's "
+        help="keep Ray's processes (HAProxy, the replica's HTTP front end) and the load off the engine's "
         "cores, as the replica's CPU bundle intends; on 2 cores they otherwise share the engine's core",
     )
     p.add_argument(
@@ -460,16 +461,14 @@ def main() -> None:
         choices=("rayllm", "ray-openai", "ray-openai-direct"),
         default="rayllm",
         help="what serves in place of `rayllm serve`: Ray Serve LLM's own build_openai_app over the same "
-        "LLMConfig (ray-openai), or that with direct streaming (ray-openai-direct: the replica serves "
-        "HTTP itself behind HAProxy, which must be installed), to see what each serving path costs",
+        "LLMConfig, with its ingress replica (ray-openai) or with direct streaming like rayllm's "
+        "(ray-openai-direct: no rayllm layer), to see what each serving path costs",
     )
     p.add_argument("--naive-server", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--offline", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     args.model = None  # the model name the load sends; only Ray's own app asks for it (bench_ours sets it)
-    if args.app == "ray-openai-direct" and not shutil.which("haproxy"):
-        p.error("--app ray-openai-direct: Ray Serve's direct streaming needs HAProxy (apt install haproxy)")
     if args.isolate and args.threads >= (os.cpu_count() or 1):
         p.error(f"--isolate needs more cores than --threads={args.threads} ({os.cpu_count()} here)")
     if args.naive_server:

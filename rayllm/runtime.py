@@ -21,6 +21,11 @@ from rayllm.errors import DataError, RayllmError
 
 log = logging.getLogger("rayllm")
 
+# How Serve runs rayllm's server: HAProxy routes HTTP straight to the vLLM replica, which is its own
+# ingress, not through Serve's Python proxy (one process fewer per streamed token); a stopping replica
+# serves on 2 s (Serve's default: 30 s) for HAProxy to drop it first, as HAProxy retries a refused
+# connection on another replica. Serve's controller gets them too (serve.start's controller_options).
+SERVE_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
 # DeepSpeed JIT-builds its CPU ops on first use; a persistent extensions dir (filled at install time
 # by `make`) keeps every later run and every Ray worker from paying that minute again.
 DEFAULT_ENV = {
@@ -33,12 +38,7 @@ DEFAULT_ENV = {
     # Ray Train registers a checkpoint when its controller next polls the workers (default every 2 s):
     # a worker that freezes in between loses that checkpoint, so poll more often.
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1",
-    # Serve routes HTTP with HAProxy straight to the replica that serves it (the serve stage's vLLM
-    # replica is its own ingress), not through its Python proxy: one process fewer per streamed token.
-    "RAY_SERVE_ENABLE_HA_PROXY": "1",
-    # A stopping replica serves on this long so HAProxy can drop it first (Serve's default is 30 s);
-    # HAProxy retries a refused connection on another replica, and reloads well within it.
-    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+    **SERVE_ENV,
 }
 
 

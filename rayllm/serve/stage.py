@@ -23,7 +23,7 @@ import httpx
 from rayllm.config import RunConfig
 from rayllm.errors import RayllmError
 from rayllm.rundir import RunDir
-from rayllm.runtime import init_ray, ray_session
+from rayllm.runtime import SERVE_ENV, init_ray, ray_session
 
 log = logging.getLogger("rayllm.serve")
 
@@ -57,7 +57,10 @@ def start(cfg: RunConfig) -> str:
     if not cfg.cluster.verbose:  # importing Serve set its logger to INFO
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
     init_ray(cfg.cluster, use_gpu=s.gpus_per_replica > 0)
-    ray_serve.start(http_options={"host": s.host, "port": s.port})
+    ray_serve.start(
+        http_options={"host": s.host, "port": s.port},
+        controller_options={"runtime_env": {"env_vars": SERVE_ENV}},  # also on a cluster started without
+    )
     client_host = "127.0.0.1" if s.host in ("0.0.0.0", "::", "") else s.host
     url = f"http://{client_host}:{s.port}"
     try:
@@ -115,7 +118,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         print(f"serving {summary['model']} at {url}/v1 (Ctrl-C or SIGTERM stops it)", flush=True)
         try:
             _wait_for_stop_signal()
-            # What the ingress admitted, refused and cut off, before it goes away.
+            # What the replica admitted, refused and cut off, before it goes away.
             with httpx.Client(timeout=5.0, trust_env=False) as client:
                 health = client.get(f"{url}/health").json()
             stats = {k: health[k] for k in ("requests", "rejected", "timed_out") if k in health}
