@@ -736,6 +736,11 @@ class ServeConfig(Strict):
         description="memory for vLLM's KV cache per replica; default: 1 GiB on CPUs, on GPUs what "
         "vLLM's gpu_memory_utilization leaves",
     )
+    stream_interval: PositiveInt = Field(
+        4,
+        description="tokens per streamed chunk after the first, which goes at once (vLLM's "
+        "stream_interval; 1: every token alone, about 13% fewer tokens/s on 2 CPU cores)",
+    )
     request_timeout_s: PositiveFloat = Field(
         300.0, description="a request still generating after this long is cut off (504, or an error event)"
     )

@@ -23,6 +23,7 @@ def vllm_engine_kwargs(
     max_model_len: int | None = None,
     enforce_eager: bool | None = None,
     kv_cache_gb: float | None = None,
+    stream_interval: int = 1,
 ) -> dict[str, Any]:
     """vLLM's ``engine_kwargs``: ``dtype`` auto is fp32 on CPUs (vLLM's own choice elsewhere), eager
     on CPUs (compiling costs 1-2 minutes a start there), a bounded KV cache on CPUs."""
@@ -31,6 +32,7 @@ def vllm_engine_kwargs(
         "dtype": DTYPES[dtype] if dtype != "auto" or gpu else "float32",
         "enforce_eager": (not gpu) if enforce_eager is None else enforce_eager,
         "seed": 0,
+        "stream_interval": stream_interval,
     }
     if max_num_seqs:
         engine["max_num_seqs"] = max_num_seqs

@@ -84,6 +84,7 @@ def llm_config(serve_cfg: ServeConfig, model_dir: str, name: str, fallback_chat:
         max_model_len=s.max_model_len,
         enforce_eager=s.enforce_eager,
         kv_cache_gb=s.kv_cache_gb,
+        stream_interval=s.stream_interval,
     )
     if fallback_chat:
         engine["chat_template"] = FALLBACK_CHAT_TEMPLATE
