@@ -162,7 +162,7 @@ def main() -> None:
                 "rss_start_mb": rss0,
                 "rss_end_mb": rss1,
                 "rss_growth": round(rss1 / rss0 - 1, 4),
-                "ingress": {k: health[k] for k in ("requests", "rejected", "timed_out")},
+                "replica": {k: health[k] for k in ("requests", "rejected", "timed_out")},
                 "ratio": round(served / max(sent, 1), 4),
                 "target": 1.0,
             }
