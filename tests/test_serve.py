@@ -132,6 +132,24 @@ def test_models_and_health(client: openai.OpenAI, http: httpx.Client) -> None:
     assert [m.id for m in client.models.list().data] == [MODEL]
     health = http.get("/health").json()
     assert health["status"] == "ok" and health["max_context"] == CONTEXT
+    assert health["model"] == MODEL and health["requests"] >= 1  # the warm-up, counted by the replica
+
+
+def test_haproxy_serves_the_port(server: str) -> None:
+    """The port is HAProxy's, which sends requests straight to the vLLM replica (direct streaming),
+    not Serve's Python proxy."""
+    import psutil
+
+    port = int(server.rsplit(":", 1)[1])
+    connections = psutil.net_connections("tcp")
+    listeners = {c.pid for c in connections if c.laddr.port == port and c.status == "LISTEN"}
+    assert listeners and all(psutil.Process(pid).name() == "haproxy" for pid in listeners), listeners
+
+
+def test_max_tokens_defaults_to_the_config(client: openai.OpenAI) -> None:
+    """A request without max_tokens gets serve.default_max_tokens (64), not the rest of the context."""
+    r = client.completions.create(model=MODEL, prompt="x", extra_body=NO_EOS)
+    assert r.usage.completion_tokens == 64
 
 
 def test_greedy_completion_equals_transformers(client: openai.OpenAI, hf: tuple[Any, Any]) -> None:
@@ -218,7 +236,8 @@ def test_streaming_matches_non_streaming(client: openai.OpenAI) -> None:
         )
     )
     texts = [c.choices[0].text for c in chunks if c.choices]
-    assert len([t for t in texts if t]) >= 5  # token by token, not one final blob
+    # The first token alone, then 4 at a time (serve.stream_interval): not one final blob either.
+    assert 5 <= len([t for t in texts if t]) <= 8, texts
     assert "".join(texts) == full
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 24

@@ -231,6 +231,7 @@ def test_queue_bound_and_disconnects(guarded: tuple, http: httpx.Client) -> None
         refused = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})
         assert refused.status_code == 429 and refused.headers["retry-after"] == "1", refused.text
         assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+        assert refused.json()["error"]["type"] == "server_busy"
         assert http.get("/health").json()["rejected"] == rejected + 1
         socks.pop(0).close()
         assert _wait(lambda: active() == 1, "a hung-up request kept its place", timeout=3) < 3
@@ -265,6 +266,7 @@ def test_requests_past_the_timeout_end_with_an_openai_error(http: httpx.Client) 
             assert '"code": "request_timeout"' in events[-2] and events[-1] == "data: [DONE]"
         else:
             assert r.status_code == 504 and r.json()["error"]["code"] == "request_timeout", r.text[:300]
+            assert r.json()["error"]["type"] == "timeout"
         t0 = time.monotonic()  # the cut-off sequences left the engine: a new request runs at once
         ok = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] <= 2

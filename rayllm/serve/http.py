@@ -114,14 +114,15 @@ _PARAMETER = re.compile(r"\s*\(parameter=(\w+)\)$")  # how vLLM names the field 
 
 
 def _openai_error(
-    status: int, message: str, param: str | None = None, code: str | None = None
+    status: int, message: str, param: str | None = None, code: str | None = None, type: str | None = None
 ) -> dict[str, Any]:
-    """OpenAI's error for ``status``: its type by the status (vLLM writes its exception's name there)
-    and the parameter vLLM names at the end of its message."""
+    """OpenAI's error for ``status``: a snake_case ``type`` kept, else one by the status (vLLM writes
+    its exception's class name there), and the parameter vLLM names at the end of its message."""
     named = _PARAMETER.search(message)
     if named:
         param, message = param or named.group(1), message[: named.start()]
-    return error_body(message, _kind(status), param, code)
+    kind = type if type and re.fullmatch(r"[a-z]+(_[a-z]+)*", type) else _kind(status)
+    return error_body(message, kind, param, code)
 
 
 _BODY_HEADERS = frozenset({b"content-length", b"content-type"})
@@ -149,8 +150,8 @@ class _ErrorShape:
         except (ValueError, AttributeError):
             error = None
         if isinstance(error, dict):
-            code = error.get("code")
-            body = _openai_error(status, str(error.get("message") or ""), error.get("param"), code)
+            message, kind = str(error.get("message") or ""), error.get("type")
+            body = _openai_error(status, message, error.get("param"), error.get("code"), kind)
         else:
             body = error_body(raw.decode(errors="replace") or f"HTTP {status}", _kind(status))
         kept = [(k, v) for k, v in self.start.get("headers", []) if k.lower() not in _BODY_HEADERS]
