@@ -720,8 +720,8 @@ class ServeConfig(Strict):
     )
     max_queue: NonNegInt = Field(
         64,
-        description="requests waiting for a slot per replica; past replicas.max x (max_batch + max_queue) "
-        "requests in flight, HTTP 429 + Retry-After",
+        description="requests waiting for a slot per replica; past max_batch + max_queue requests in "
+        "flight on a replica, HTTP 429 + Retry-After",
     )
     max_model_len: PositiveInt | None = Field(
         None, description="longest prompt plus completion in tokens; default: the model's context"
