@@ -457,6 +457,8 @@ def test_bad_requests_get_openai_errors(
     assert error["type"] == "invalid_request_error"
     if param is not None:
         assert error["param"] == param
+    if status == 413:  # also when the body is chunked, read by rayllm's own request check
+        assert error["code"] == "request_too_large" and "serve.max_body_bytes" in error["message"]
 
 
 def test_openai_client_errors_and_server_still_answers(client: openai.OpenAI) -> None:

@@ -217,7 +217,12 @@ class BodyLimit:
                     raise StarletteHTTPException(413)
             return message
 
-        await self.app(scope, limited_receive, send)
+        try:
+            await self.app(scope, limited_receive, send)
+        except StarletteHTTPException as e:  # raised where the body is read outside FastAPI's routes
+            if e.status_code != 413:
+                raise
+            await _send_json(send, 413, too_large(self.max_bytes))
 
 
 def too_large(limit: int) -> dict[str, Any]:
@@ -257,7 +262,7 @@ class BearerAuth:
 
 
 class Admission:
-    """Bounds the generation requests one ingress replica holds (running plus queued) at ``limit``;
+    """Bounds the generation requests this replica holds (running plus queued) at ``limit``;
     past it a request gets 429 with Retry-After at once instead of waiting without end. Counts what
     it holds, admitted and refused."""
 
@@ -377,11 +382,14 @@ class Timeout:
             if not expired.is_set():
                 reading = asyncio.ensure_future(receive())
                 deadline = asyncio.ensure_future(expired.wait())
-                await asyncio.wait({reading, deadline}, return_when=asyncio.FIRST_COMPLETED)
-                deadline.cancel()
-                if reading.done():
+                try:
+                    await asyncio.wait({reading, deadline}, return_when=asyncio.FIRST_COMPLETED)
+                finally:  # also when the handler is cancelled while it waits
+                    deadline.cancel()
+                    if not reading.done():
+                        reading.cancel()
+                if not reading.cancelled():
                     return reading.result()
-                reading.cancel()
             return {"type": "http.disconnect"}
 
         async def client_send(message: Message) -> None:
