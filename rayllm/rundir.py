@@ -47,6 +47,9 @@ log = logging.getLogger("rayllm")
 CONFIG, LOG, METRICS, SUMMARY = "config.yaml", "stage.log", "metrics.jsonl", "summary.json"
 TENSORBOARD = "tensorboard"  # train: event files beside metrics.jsonl
 SPLITS = ("train", "val")
+# A split this small is read by the driver itself: a Ray Data job's start-up alone (5 s on 2 cores)
+# takes longer than reading it.
+DRIVER_READ_GB = 0.25
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer"
 # Packed-data columns: fixed-size int32 lists of block_len = seq_len + 1 tokens (inputs + shifted label).
@@ -182,6 +185,21 @@ class PackedData:
                 f"{missing[0]} is listed in {self.manifest_path} but missing: re-run `rayllm prep`"
             )
         return shards
+
+    def dataset(self, split: str, cache_gb: float) -> Any:
+        """A split as train and tune hand it to Ray Train, in file order: held in the object store
+        when smaller than ``cache_gb`` (fast epochs, restarts and trials), else streamed from storage."""
+        import pyarrow.parquet as pq
+        import ray.data
+
+        gb = self.manifest().split_gb(split)
+        if gb >= cache_gb:
+            return self.read(split)
+        if gb >= DRIVER_READ_GB:
+            return self.read(split).materialize()
+        ds = ray.data.from_arrow([pq.read_table(path) for path, _ in self.shards(split)])
+        ds.context.execution_options.preserve_order = True
+        return ds
 
     def read(self, split: str, start: int = 0) -> Any:
         """A split's packed blocks from row ``start`` on, as a Ray Data dataset in file order whatever

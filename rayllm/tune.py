@@ -396,7 +396,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     with tracked or nullcontext(), ray_session(cfg.cluster, use_gpu=cfg.train.use_gpu):
         # Read and materialized once: every trial's workers then start from the object store.
         small = all(manifest.split_gb(s) < cfg.train.cache_data_gb for s in SPLITS)
-        splits = {s: rd.data.read(s).materialize() for s in SPLITS} if small else None
+        splits = {s: rd.data.dataset(s, cfg.train.cache_data_gb) for s in SPLITS} if small else None
         tuner, concurrent = _tuner(cfg, space, out / "ray", same_search, splits)
         with FollowTrials(out / "trials", metric, tc.max_steps):
             results = tuner.fit()

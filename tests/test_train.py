@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -317,6 +318,7 @@ def test_a_resume_reads_the_split_from_its_position_not_from_the_start(ray_clust
     streamed split (shards before ``start`` are not opened: here one is overwritten) and from a
     materialized one (with no Ray task: every CPU is held, as training workers may hold them)."""
     import ray
+    from ray.data.dataset import MaterializedDataset
 
     from rayllm.prep.shards import ShardWriter
     from rayllm.rundir import PackedData
@@ -339,6 +341,8 @@ def test_a_resume_reads_the_split_from_its_position_not_from_the_start(ray_clust
         return rows[start : start + (6000 - start) // batch * batch]
 
     materialized = data.read("train").repartition(7).materialize()  # blocks across the shards
+    held = data.dataset("train", cache_gb=2.0)  # this small a split: read by the driver, a block a shard
+    assert held.num_blocks() == 3 and not isinstance(data.dataset("train", cache_gb=0), MaterializedDataset)
 
     class Holder:  # holds every CPU, as training workers may
         pass
@@ -346,8 +350,10 @@ def test_a_resume_reads_the_split_from_its_position_not_from_the_start(ray_clust
     hold = ray.remote(num_cpus=ray.cluster_resources()["CPU"])(Holder).remote()  # once they are free
     try:
         ray.get(hold.__ray_ready__.remote(), timeout=60)
-        for start in (0, 1, 1023, 1024, 1500, 2499, 2500, 2550, 2600, 5900, 5999):
-            np.testing.assert_array_equal(read(materialized, start), want(start))
+        for start, ds in itertools.product(
+            (0, 1, 1023, 1024, 1500, 2499, 2500, 2550, 2600, 5900, 5999), (materialized, held)
+        ):
+            np.testing.assert_array_equal(read(ds, start), want(start))
     finally:
         ray.kill(hold)
     for start in (0, 1023, 1500, 2550, 2600, 5900, 6000):  # 6000: a checkpoint at the epoch's end

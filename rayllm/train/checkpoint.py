@@ -162,6 +162,9 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def _to_universal(ckpt_dir: Path, tmp: Path) -> Path:
     """Convert a ZeRO checkpoint to DeepSpeed's universal format, loadable at any DP world size."""
+    from rayllm.train.parallel import import_deepspeed
+
+    import_deepspeed()
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
     out = tmp / "universal"

@@ -19,6 +19,7 @@ from rayllm.errors import RunDirError
 from rayllm.model.build import merge_adapters
 from rayllm.rundir import RunDir
 from rayllm.train import checkpoint
+from rayllm.train.parallel import import_deepspeed
 
 EXPORT_INFO = "rayllm_export.json"  # the checkpoint and state the weights came from
 EXPORT_CONFIG = "rayllm_config.yaml"  # the training run's config beside its exported weights
@@ -46,6 +47,7 @@ def export_checkpoint(
         )
         weights = {k: v.float() for k, v in blob["module"].items()}
     else:
+        import_deepspeed()
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         # DeepSpeed narrates every shard and draws progress bars; the CLI prints its own summary.

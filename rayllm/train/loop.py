@@ -41,7 +41,13 @@ from rayllm.rundir import (
 )
 from rayllm.train import checkpoint
 from rayllm.train.checkpoint import TrainState
-from rayllm.train.parallel import cpu_runtime, parallelize, peak_flops, resolve_micro_batch
+from rayllm.train.parallel import (
+    cpu_runtime,
+    import_deepspeed,
+    parallelize,
+    peak_flops,
+    resolve_micro_batch,
+)
 
 log = logging.getLogger("rayllm.train")
 
@@ -406,9 +412,9 @@ def _blocks_from(ds: Any, start: int) -> Iterator[pa.Table]:
 def build_worker(config: dict[str, Any]) -> Worker:
     """The parts of one rank, made inside a Ray Train worker: device, process group, metrics sinks,
     model (and adapters), micro-batch, the checkpoint to restore, the DeepSpeed engine, data shards."""
-    import deepspeed
     import ray.train
 
+    deepspeed = import_deepspeed()
     cfg = RunConfig.model_validate(config["cfg"])
     m = Manifest.model_validate(config["manifest"])
     storage, t = config["storage"], cfg.train

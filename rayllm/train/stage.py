@@ -18,7 +18,7 @@ from rayllm.config import RunConfig
 from rayllm.errors import ConfigError, RunDirError
 from rayllm.model.build import context_length, model_config
 from rayllm.progress import FollowMetrics
-from rayllm.rundir import METRICS, TENSORBOARD, Manifest, RunDir
+from rayllm.rundir import METRICS, SPLITS, TENSORBOARD, Manifest, RunDir
 from rayllm.runtime import ray_session
 from rayllm.train import checkpoint
 
@@ -50,12 +50,7 @@ def datasets(cfg: RunConfig) -> dict[str, Any]:
     """The packed splits as Ray datasets: materialized once in the object store when smaller than
     ``train.cache_data_gb`` (fast epochs, restarts and Tune trials), else streamed from storage."""
     data = RunDir.of(cfg).data
-    manifest = data.manifest()
-    out = {}
-    for split in ("train", "val"):
-        ds = data.read(split)  # file order, also when materialized here
-        out[split] = ds.materialize() if manifest.split_gb(split) < cfg.train.cache_data_gb else ds
-    return out
+    return {split: data.dataset(split, cfg.train.cache_data_gb) for split in SPLITS}
 
 
 def trainer(cfg: RunConfig, out: Path, splits: dict[str, Any] | None = None) -> Any:
