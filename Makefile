@@ -17,16 +17,18 @@ PYTEST_ARGS ?=
 .PHONY: install demo test test-all lint bench docs tasks clean
 install: $(STAMP)
 
-$(STAMP): pyproject.toml requirements/cpu-constraints.txt requirements/serve-cpu.txt
+$(STAMP): Makefile pyproject.toml requirements/cpu-constraints.txt requirements/serve-cpu.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip wheel setuptools
 	$(BIN)/pip install -q $(CONSTRAINTS) "torch>=2.4" setuptools wheel packaging py-cpuinfo psutil numpy \
 	  ninja pydantic hjson msgpack einops tqdm
-	@# DeepSpeed's CPU ops are compiled once here, not JIT-compiled (a minute each) on every run;
+	@# DeepSpeed's CPU ops are compiled once here, not JIT-compiled (a minute or more each) at a run's
+	@# first step: CPU Adam (offload), FusedAdam (Muon's Adam half), shared-memory collectives.
 	@# --no-cache-dir so that a cached wheel built without the ops is never reused.
-	$(BIN)/python -c "import deepspeed.ops.adam.cpu_adam_op, deepspeed.ops.comm.deepspeed_shm_comm_op" 2>/dev/null || \
-	  DS_BUILD_SHM_COMM=1 DS_BUILD_CPU_ADAM=1 $(BIN)/pip install -q $(CONSTRAINTS) --no-build-isolation \
-	  --no-cache-dir --force-reinstall --no-deps "deepspeed==0.19.8"
+	$(BIN)/python -c "import deepspeed.ops.adam.cpu_adam_op, deepspeed.ops.adam.fused_adam_op, \
+	  deepspeed.ops.comm.deepspeed_shm_comm_op" 2>/dev/null || \
+	  DS_BUILD_SHM_COMM=1 DS_BUILD_CPU_ADAM=1 DS_BUILD_FUSED_ADAM=1 $(BIN)/pip install -q $(CONSTRAINTS) \
+	  --no-build-isolation --no-cache-dir --force-reinstall --no-deps "deepspeed==0.19.8"
 	$(BIN)/pip install -q $(CONSTRAINTS) -e ".[dev,tracking]"
 	$(BIN)/pip install -q --no-deps $(DATA_PKGS)
 	$(BIN)/pip install -q $(CONSTRAINTS) $(VLLM)

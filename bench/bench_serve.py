@@ -2,7 +2,10 @@
 naive server, same model, same run.
 
 The baseline is vLLM's offline ``LLM.generate`` on the same prompts, sampling settings and batch
-size in one process (no HTTP, no Serve): what the engine does alone. The server has to keep at least
+size (no HTTP, no Serve): what the engine does alone, the faster of its two CPU layouts, measured in
+turn: the model in the engine's process (``uni``, vLLM's default for one device) and in a worker
+process of its own (``mp``, what Ray Serve LLM runs on CPUs; on 2 cores it overlaps scheduling and
+compute and measured faster). The server has to keep at least
 ``TARGET`` of it over HTTP. The naive server is what a first attempt looks like (FastAPI +
 ``model.generate`` under a lock, streamed with ``TextIteratorStreamer``), reported for scale. The two
 servers get the same load from this process (asyncio + httpx, only 127.0.0.1): ``--clients``
@@ -405,6 +408,7 @@ def offline(model_dir: str, args: argparse.Namespace) -> None:
         max_num_seqs=args.clients,
         kv_cache_memory_bytes=1 << 30,
         seed=0,
+        distributed_executor_backend=args.executor,
     )
     n = args.requests
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
@@ -421,7 +425,16 @@ def offline(model_dir: str, args: argparse.Namespace) -> None:
 
 
 def bench_offline(model_dir: str, args: argparse.Namespace) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--offline", "--model-dir", model_dir, "--threads", str(args.threads)]
+    """Both executors in turn; the faster is the baseline, the other's tokens/s reported beside it."""
+    runs = {executor: _offline_run(model_dir, args, executor) for executor in ("uni", "mp")}
+    best = max(runs, key=lambda e: runs[e]["tokens_per_s"])
+    by_executor = {e: r["tokens_per_s"] for e, r in runs.items()}
+    return {**runs[best], "executor": best, "tokens_per_s_by_executor": by_executor}
+
+
+def _offline_run(model_dir: str, args: argparse.Namespace, executor: str) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--offline", "--executor", executor, "--model-dir", model_dir]
+    cmd += ["--threads", str(args.threads)]
     cmd += ["--clients", str(args.clients), "--requests", str(args.requests)]
     cmd += ["--max-tokens", str(args.max_tokens)]
     env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": cores(args.threads), "TOKENIZERS_PARALLELISM": "false"}
@@ -466,6 +479,7 @@ def main() -> None:
     )
     p.add_argument("--naive-server", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--offline", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--executor", choices=("uni", "mp"), default="uni", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     args.model = None  # the model name the load sends; only Ray's own app asks for it (bench_ours sets it)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -110,3 +112,23 @@ def test_cpu_runtime_keeps_freed_memory_instead_of_faulting_it_in_again():
     assert runs["default"][1] > touched // 2, runs  # trimmed and faulted in again, every step
     assert runs["keep"][1] < touched // 100, runs  # kept: none after the warm-up (0 seen)
     assert torch.get_num_threads() >= 1
+
+
+def test_deepspeed_is_imported_without_mlflow_and_its_cpu_ops_come_prebuilt():
+    """In a fresh process: DeepSpeed's autotuner imports mlflow when it can (2.5 s of every worker's
+    start), so rayllm imports DeepSpeed without it, and mlflow still imports afterwards. The CPU ops a
+    run uses were compiled by `make install`: a missing one is JIT-compiled at a run's first step
+    (70-90 s on 2 cores, in every fresh install)."""
+    code = (
+        "import sys\n"
+        "from rayllm.train.parallel import import_deepspeed\n"
+        "ds = import_deepspeed()\n"
+        "from deepspeed.autotuning import autotuner\n"
+        "from deepspeed.git_version_info import installed_ops\n"
+        "assert not autotuner.has_mlflow and 'mlflow' not in sys.modules\n"
+        "import mlflow\n"
+        "print(sorted(op for op in ('cpu_adam', 'fused_adam', 'deepspeed_shm_comm') if installed_ops[op]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "['cpu_adam', 'deepspeed_shm_comm', 'fused_adam']", done.stdout

@@ -116,10 +116,6 @@ def deepspeed_config(
             "params": {
                 "lr": o.lr, "muon_lr": o.muon_lr, "adam_lr": o.lr, "momentum": o.muon_momentum,
                 "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay,
-                # On CPU, DeepSpeed's FusedAdam for the non-matrix parameters is a C++ op compiled at
-                # first use (90 s on 2 cores); torch's AdamW is what rayllm's CPU AdamW runs anyway.
-                # With the optimizer offloaded, DeepSpeed takes its prebuilt CPU Adam.
-                "torch_adam": not t.use_gpu and not ds.offload_optimizer,
             },
         }  # fmt: skip
     elif ds.offload_optimizer:
