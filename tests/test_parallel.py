@@ -131,4 +131,5 @@ def test_deepspeed_is_imported_without_mlflow_and_its_cpu_ops_come_prebuilt():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip().splitlines()[-1] == "['cpu_adam', 'deepspeed_shm_comm', 'fused_adam']", done.stdout
+    prebuilt = done.stdout.strip().splitlines()[-1]
+    assert prebuilt == "['cpu_adam', 'deepspeed_shm_comm', 'fused_adam']", done.stdout

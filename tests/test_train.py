@@ -341,8 +341,8 @@ def test_a_resume_reads_the_split_from_its_position_not_from_the_start(ray_clust
         return rows[start : start + (6000 - start) // batch * batch]
 
     materialized = data.read("train").repartition(7).materialize()  # blocks across the shards
-    held = data.dataset("train", cache_gb=2.0)  # this small a split: read by the driver, a block a shard
-    assert held.num_blocks() == 3 and not isinstance(data.dataset("train", cache_gb=0), MaterializedDataset)
+    held = data.dataset("train", cache_gb=2.0)  # this small a split: read by the driver, in one block
+    assert held.num_blocks() == 1 and not isinstance(data.dataset("train", cache_gb=0), MaterializedDataset)
 
     class Holder:  # holds every CPU, as training workers may
         pass
