@@ -4,8 +4,8 @@ naive server, same model, same run.
 The baseline is vLLM's offline ``LLM.generate`` on the same prompts, sampling settings and batch
 size (no HTTP, no Serve): what the engine does alone, the faster of its two CPU layouts, measured in
 turn: the model in the engine's process (``uni``, vLLM's default for one device) and in a worker
-process of its own (``mp``, what Ray Serve LLM runs on CPUs; on 2 cores it overlaps scheduling and
-compute and measured faster). The server has to keep at least
+process of its own (``mp``, what Ray Serve LLM runs on CPUs). Neither won reliably on 2 cores, so
+the bench measures both each run. The server has to keep at least
 ``TARGET`` of it over HTTP. The naive server is what a first attempt looks like (FastAPI +
 ``model.generate`` under a lock, streamed with ``TextIteratorStreamer``), reported for scale. The two
 servers get the same load from this process (asyncio + httpx, only 127.0.0.1): ``--clients``
