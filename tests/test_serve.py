@@ -175,8 +175,6 @@ def test_network_address_without_keys_refuses_to_start(model_dir: Path, tmp_path
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert bad.returncode == 2 and "serve.kv_cache_gb" in bad.stderr, bad.stderr
     assert len([ln for ln in bad.stderr.splitlines() if ln.strip()]) == 1
-    from rayllm.config import ServeConfig
-    from rayllm.errors import ConfigError
     from rayllm.serve.preflight import KEYS_FILE_ENV, api_keys, check_exposure
 
     empty = tmp_path / "empty-keys"
