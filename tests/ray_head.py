@@ -55,18 +55,20 @@ def _kill_head(proc: subprocess.Popen, temp_dir: Path) -> None:
     """Stop exactly the processes this head started, including workers that run in their own sessions.
 
     SIGTERM first; after a job, raylet and leftover detached actors can take half a minute to go,
-    so whatever is still there after a few seconds is killed by PID. A job driver that Ray re-parented
-    (e.g. after a stop) is found by its working directory, which lies inside this head's temp dir.
+    so whatever is still there after two seconds is killed by PID (waiting longer only cost the
+    suite 5 s per head). A job driver that Ray re-parented (e.g. after a stop) is found by its
+    working directory, which lies inside this head's temp dir.
     """
     try:
         family = psutil.Process(proc.pid).children(recursive=True)
     except psutil.NoSuchProcess:
         family = []
     family += _processes_under(temp_dir, exclude={p.pid for p in family})
-    with contextlib.suppress(ProcessLookupError, subprocess.TimeoutExpired):
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=5)
-    _, alive = psutil.wait_procs(family, timeout=1)
+    with contextlib.suppress(psutil.NoSuchProcess):
+        family.append(psutil.Process(proc.pid))
+    _, alive = psutil.wait_procs(family, timeout=2)
     for p in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()

@@ -1,14 +1,18 @@
-"""Ray Jobs: submit through a real local head, user errors before and inside a job, auth, cluster YAMLs."""
+"""A real local head: joined as Ray's own tools join one, and Ray Jobs submitted to it; user errors
+before and inside a job, auth, cluster YAMLs."""
 
 from __future__ import annotations
 
 import http.server
 import json
 import os
+import re
 import secrets
 import subprocess
 import sys
+import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -51,10 +55,60 @@ def write_config(tmp: Path, source: str) -> Path:
     return path
 
 
-def test_prep_job_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys):
+@pytest.fixture(scope="module")
+def head() -> Iterator[tuple[str, Path]]:
+    """(dashboard URL, RAY_TMPDIR) of one `ray start --head` (auth off) for this module's tests: it is
+    the current cluster only for processes whose RAY_TMPDIR is that folder (Ray's socket paths have
+    a length cap, hence a short folder in /tmp)."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rh-", dir="/tmp"))
+    with ray_head(ray_tmpdir=ray_tmp, RAY_AUTH_MODE="disabled") as url:
+        yield url, ray_tmp
+
+
+def test_a_running_head_is_joined_and_address_local_starts_a_private_one(head, tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"line {i} of a small corpus, 第{i}行" for i in range(300)), encoding="utf-8")
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "data": {
+                    "sources": [{"path": str(corpus), "split_on": "line"}],
+                    "tokenizer": {"vocab_size": 300},
+                    "seq_len": 16,
+                    "val_fraction": 0.1,
+                },
+                "cluster": {"object_store_gb": 0.2, "num_cpus": 1, "dashboard": False},
+            }
+        )
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH_"))}
+    env.update(RAY_TMPDIR=str(head[1]), RAY_AUTH_MODE="disabled")
+    prep = [sys.executable, "-m", "rayllm", "prep", "-c", str(config)]
+    joined = subprocess.run(
+        [*prep, "-r", str(tmp_path / "a")], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert joined.returncode == 0, joined.stderr[-3000:]
+    lines = [ln for ln in joined.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, joined.stderr  # one line says so; nothing else is printed
+    assert re.fullmatch(r"rayllm: joining the Ray head already running at \S+:\d+ \(.*\)", lines[0])
+    assert "cluster.address: local" in lines[0]
+    private = subprocess.run(
+        [*prep, "-r", str(tmp_path / "b"), "--set", "cluster.address=local"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert private.returncode == 0, private.stderr[-3000:]
+    assert "joining" not in private.stderr and "Traceback" not in private.stderr
+    for run in ("a", "b"):
+        assert (tmp_path / run / "prep" / "manifest.json").is_file()
+
+
+def test_prep_job_end_to_end(head, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys):
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
-    with ray_head(RAY_AUTH_MODE="disabled") as url:
-        _prep_jobs(url, tmp_path, capsys)
+    _prep_jobs(head[0], tmp_path, capsys)
 
 
 def _prep_jobs(url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -105,10 +159,11 @@ def _prep_jobs(url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
             fn("nope", url)
 
     # A client with token auth on still works against a head with auth disabled.
-    probe = f"from rayllm import jobs; print(len(jobs.client({url!r}).list_jobs()))"
+    listed = f"jobs.client({url!r}).list_jobs()"
+    probe = f"from rayllm import jobs; print(sum(bool(j.submission_id) for j in {listed}))"
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "unused"}
     r = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0 and r.stdout.strip() == "4", r.stderr[-2000:]
+    assert r.returncode == 0 and r.stdout.strip() == "4", r.stderr[-2000:]  # the 4 jobs above
 
     # An invalid config never reaches the cluster: the CLI exits 2 before submitting.
     bad = tmp_path / "bad.yaml"
