@@ -5,6 +5,7 @@ keep to themselves, and `rayllm eval` scores a task end to end."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -14,6 +15,7 @@ from math import comb
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import ray
 import torch
@@ -116,12 +118,21 @@ def test_sandbox_passes_fails_and_contains_loops_bombs_and_children() -> None:
     assert not grown["passed"] and "MemoryError" in grown["reason"] and time.time() - t0 < 10
 
     # A child that outlives the candidate (and would hold the CPU) is killed with its session.
-    marker = Path(f"/tmp/rayllm-sandbox-test-{os.getpid()}")
-    later = f"import time; time.sleep(3); open({str(marker)!r}, 'w')"
-    child = f"import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', {later!r}])\nwhile True: pass"
+    pid_file = Path(f"/tmp/rayllm-sandbox-test-{os.getpid()}")
+    child = (
+        "import subprocess, sys\n"
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        f"open({str(pid_file)!r}, 'w').write(str(p.pid))\n"
+        "while True: pass"
+    )
     assert not metrics.run_tests(child, "", timeout_s=1.5)["passed"]
-    time.sleep(4)
-    assert not marker.exists()
+    orphan = psutil.Process(int(pid_file.read_text()))
+    pid_file.unlink()
+    deadline = time.time() + 5
+    with contextlib.suppress(psutil.NoSuchProcess):  # killed: gone, or a zombie until it is reaped
+        while orphan.status() != psutil.STATUS_ZOMBIE:
+            assert time.time() < deadline, "the candidate's child outlived its session"
+            time.sleep(0.05)
 
     # The candidate runs in an empty temporary folder, not where the evaluator works.
     assert metrics.run_tests("import os", "assert os.listdir('.') == []")["passed"]
