@@ -107,7 +107,8 @@ def test_bad_source_is_one_line_and_exit_2(cli_env, tmp_path, make, fmt, pattern
 
 
 def test_folders_that_are_not_what_they_claim(cli_env, prepped, tmp_path):
-    """A tokenizer, checkpoint or model folder that is not one: the field and the folder named."""
+    """A tokenizer, checkpoint or model folder that is not one: the field and the folder named. The
+    first as a user's process, the rest in process (the same code path after start-up)."""
     empty = tmp_path / "empty"
     empty.mkdir()
     (tmp_path / "text.txt").write_text(GOOD)
@@ -123,16 +124,16 @@ def test_folders_that_are_not_what_they_claim(cli_env, prepped, tmp_path):
         r"data\.tokenizer\.path: cannot load a tokenizer from .*empty",
     )
     one_line_exit_2(
-        rayllm(cli_env, "export", str(tmp_path / "run"), "--checkpoint", str(empty)),
+        in_process("export", str(tmp_path / "run"), "--checkpoint", str(empty)),
         r"empty: not a rayllm train checkpoint",
     )
     one_line_exit_2(
-        rayllm(cli_env, "eval", "-r", str(tmp_path / "run"), "--set", f"eval.model_dir={empty}"),
+        in_process("eval", "-r", str(tmp_path / "run"), "--set", f"eval.model_dir={empty}"),
         r"eval\.model_dir=.*empty: not a Hugging Face model folder",
     )
     data = Path(prepped.run_dir) / "prep"
     one_line_exit_2(
-        rayllm(cli_env, "train", "-r", str(tmp_path / "run"), "--set", f"train.data_dir={data}",
+        in_process("train", "-r", str(tmp_path / "run"), "--set", f"train.data_dir={data}",
                "--set", f"model.path={empty}"),
         r"model\.path: .*empty is not a Hugging Face model folder",
     )  # fmt: skip
