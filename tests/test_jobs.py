@@ -106,12 +106,9 @@ def test_a_running_head_is_joined_and_address_local_starts_a_private_one(head, t
         assert (tmp_path / run / "prep" / "manifest.json").is_file()
 
 
-def test_prep_job_end_to_end(head, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys):
+def test_prep_job_end_to_end(head, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
-    _prep_jobs(head[0], tmp_path, capsys)
-
-
-def _prep_jobs(url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    url = head[0]
     config = write_config(tmp_path, str(write_corpus(tmp_path / "corpus.txt")))
     run_dir = tmp_path / "run"
     cfg = load_config([config], [], str(run_dir))

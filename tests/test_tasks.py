@@ -126,10 +126,11 @@ def test_sandbox_passes_fails_and_contains_loops_bombs_and_children() -> None:
         "while True: pass"
     )
     assert not metrics.run_tests(child, "", timeout_s=1.5)["passed"]
-    orphan = psutil.Process(int(pid_file.read_text()))
+    pid = int(pid_file.read_text())
     pid_file.unlink()
     deadline = time.time() + 5
     with contextlib.suppress(psutil.NoSuchProcess):  # killed: gone, or a zombie until it is reaped
+        orphan = psutil.Process(pid)
         while orphan.status() != psutil.STATUS_ZOMBIE:
             assert time.time() < deadline, "the candidate's child outlived its session"
             time.sleep(0.05)
