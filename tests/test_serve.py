@@ -36,6 +36,7 @@ from rayllm.errors import ConfigError, RunDirError
 MODEL, CONTEXT = SERVE_MODEL, SERVE_CONTEXT  # conftest's model_dir
 MAX_BATCH = 8
 KEY = "first-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}  # every live request but the key tests'
 TIMEOUT_S = 8.0
 NO_EOS = {"ignore_eos": True}  # a random model may sample end-of-text; fixed lengths keep counts exact
 
@@ -81,7 +82,7 @@ def _warm_up(url: str) -> None:
     before the first streamed byte); the tests are about steady state, so a plain and a streamed
     request run first."""
     deadline = time.monotonic() + 120
-    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as c:
+    with httpx.Client(base_url=url, headers=AUTH, timeout=60) as c:
         for stream in (False, True):
             body = {"prompt": "x", "max_tokens": 2, "stream": stream}
             while (r := c.post("/v1/completions", json=body)).status_code != 200:
@@ -100,8 +101,7 @@ def client(server: str) -> openai.OpenAI:
 
 @pytest.fixture(scope="module")
 def http(server: str) -> Iterator[httpx.Client]:
-    headers = {"Authorization": f"Bearer {KEY}"}
-    with httpx.Client(base_url=server, timeout=60, trust_env=False, headers=headers) as c:
+    with httpx.Client(base_url=server, timeout=60, trust_env=False, headers=AUTH) as c:
         yield c
 
 
@@ -411,9 +411,8 @@ def test_client_disconnect_frees_the_slots(server: str, client: openai.OpenAI) -
     )
     whole = time.monotonic() - t0
     assert full.usage.completion_tokens == MAX_BATCH * 110
-    headers = {"Authorization": f"Bearer {KEY}"}
     with (
-        httpx.Client(base_url=server, timeout=60, trust_env=False, headers=headers) as c,
+        httpx.Client(base_url=server, timeout=60, trust_env=False, headers=AUTH) as c,
         c.stream("POST", "/v1/completions", json={**body, "stream": True}) as r,
     ):
         assert r.status_code == 200
